@@ -1,0 +1,142 @@
+"""The ``amm`` dask config section: its shipped defaults, and how each setting of
+the manager is resolved and validated.
+
+A setting is read from the ``amm`` section. Deployments written for distributed's
+built-in manager configure ``distributed.scheduler.active-memory-manager`` instead;
+so that they keep working unchanged, a value the user set there is honoured unless
+the ``amm`` section overrides it. "Set" means different from the shipped default:
+both sections ship the same defaults, so with no user config the two agree anyway.
+
+Every invalid value raises :class:`AMMConfigError` (a ``ValueError``) naming the
+config key and the offending value, so a bad deployment fails when the manager is
+installed rather than misbehaving later.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import yaml
+
+import dask.config
+from dask.utils import parse_timedelta
+from distributed.config import defaults as _distributed_config_defaults
+from distributed.scheduler import MemoryState
+from distributed.utils import import_term
+
+SECTION = "amm"
+DISTRIBUTED_SECTION = "distributed.scheduler.active-memory-manager"
+
+with open(os.path.join(os.path.dirname(__file__), "amm.yaml")) as _f:
+    DEFAULTS: dict[str, Any] = yaml.safe_load(_f)
+dask.config.update_defaults(DEFAULTS)
+
+_DISTRIBUTED_DEFAULTS: dict[str, Any] = _distributed_config_defaults["distributed"][
+    "scheduler"
+]["active-memory-manager"]
+
+#: Names accepted by the ``measure`` setting
+MEASURES: frozenset[str] = frozenset(
+    name for name in dir(MemoryState) if not name.startswith("_") and name != "sum"
+)
+
+
+class AMMConfigError(ValueError):
+    """An invalid setting of the Active Memory Manager"""
+
+
+def setting(name: str) -> tuple[str, Any]:
+    """Return ``(config key, value)`` of manager setting ``name``, following the
+    precedence described in the module docstring. The key is returned so that error
+    messages name the place where the user actually wrote the value.
+    """
+    ours_key = f"{SECTION}.{name}"
+    default = DEFAULTS[SECTION][name]
+    # The section can be missing from a config built before amm was imported, as
+    # distributed's test harness does with its copy of the config
+    ours = dask.config.get(ours_key, default=default)
+    if ours != default:
+        return ours_key, ours
+    theirs_key = f"{DISTRIBUTED_SECTION}.{name}"
+    theirs = dask.config.get(theirs_key, default=None)
+    if theirs is not None and theirs != _DISTRIBUTED_DEFAULTS.get(name):
+        return theirs_key, theirs
+    return ours_key, ours
+
+
+def parse_start(key: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    raise AMMConfigError(f"{key}={value!r}: must be true or false")
+
+
+def parse_interval(key: str, value: Any) -> float:
+    try:
+        seconds = parse_timedelta(value, default="seconds")
+    except (TypeError, ValueError, KeyError) as e:
+        raise AMMConfigError(
+            f"{key}={value!r}: not a time interval (e.g. 2s, 500ms, 0.5): {e}"
+        ) from None
+    if seconds is None or not seconds > 0:
+        raise AMMConfigError(f"{key}={value!r}: interval must be greater than zero")
+    return float(seconds)
+
+
+def parse_measure(key: str, value: Any) -> str:
+    if not isinstance(value, str) or value not in MEASURES:
+        raise AMMConfigError(
+            f"{key}={value!r}: measure must be one of " + ", ".join(sorted(MEASURES))
+        )
+    return value
+
+
+def build_policies(key: str, specs: Any) -> list[Any]:
+    """Instantiate the policies described by a ``policies`` config list.
+
+    Each entry is ``{"class": "dotted.path", **kwargs}``. The class must be a
+    subclass of distributed's ``ActiveMemoryManagerPolicy`` (this project's base
+    class is one), so policies written for distributed are accepted as they are.
+    """
+    from distributed.active_memory_manager import (
+        ActiveMemoryManagerPolicy as BasePolicy,
+    )
+
+    if specs is None:
+        return []
+    if isinstance(specs, (str, bytes, Mapping)) or not hasattr(specs, "__iter__"):
+        raise AMMConfigError(
+            f"{key}={specs!r}: must be a list of {{class: dotted.path, ...}}"
+        )
+    policies = []
+    for i, spec in enumerate(specs):
+        where = f"{key}[{i}]"
+        if not isinstance(spec, Mapping) or "class" not in spec:
+            raise AMMConfigError(
+                f"{where}={spec!r}: must be a mapping with a 'class' key"
+            )
+        kwargs = dict(spec)
+        path = kwargs.pop("class")
+        if isinstance(path, type):
+            cls = path
+        else:
+            try:
+                cls = import_term(path)
+            except Exception as e:
+                raise AMMConfigError(
+                    f"{where}.class={path!r}: cannot be imported: {e!r}"
+                ) from e
+        if not isinstance(cls, type) or not issubclass(cls, BasePolicy):
+            raise AMMConfigError(
+                f"{where}.class={path!r}: not a subclass of ActiveMemoryManagerPolicy"
+            )
+        try:
+            policies.append(cls(**kwargs))
+        except Exception as e:
+            raise AMMConfigError(
+                f"{where}: {cls.__name__} rejected its arguments {kwargs!r}: {e}"
+            ) from e
+    return policies

@@ -1,0 +1,272 @@
+"""The manager: a scheduler extension with the public surface of distributed's
+``ActiveMemoryManagerExtension``, so that ``Scheduler.retire_workers``, adaptive
+scale-down, ``client.amm`` and policies written for distributed use it unchanged.
+
+What a cycle does is in :mod:`amm.cycle`; this module owns the lifecycle (start,
+stop, periodic runs), the policies and the RPC handlers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from tornado.ioloop import PeriodicCallback
+
+from distributed.active_memory_manager import (
+    ActiveMemoryManagerPolicy as _DistributedPolicy,
+)
+from distributed.metrics import time
+from distributed.scheduler import Scheduler, TaskState, WorkerState
+
+from amm import config
+from amm.cycle import Cycle
+from amm.logs import logger
+from amm.policy import ActiveMemoryManagerPolicy, PolicySet
+from amm.stats import ManagerStats
+
+#: Methods reachable through ``client.amm`` (distributed's AMMClientProxy)
+CLIENT_PROXY_METHODS = frozenset({"start", "stop", "run_once", "running"})
+
+
+class ActiveMemoryManager:
+    """Scheduler extension that keeps the cluster's memory in shape.
+
+    Every ``interval`` seconds, or on demand, it runs every policy; each suggests
+    creating or destroying single replicas of in-memory keys; the manager accepts
+    what the invariants allow, picks the workers, and tells them. There is no "move":
+    a move is a replication in one cycle and a drop of the original in a later one,
+    once the copy exists.
+
+    The constructor mirrors distributed's so the manager can be created ad hoc:
+    ``policies=None``, ``measure=None``, ``start=None`` and ``interval=None`` read
+    the ``amm`` config section (see :mod:`amm.config`); ``register=False`` leaves
+    the scheduler's RPC handlers alone, for a throwaway manager.
+    """
+
+    #: Back-reference to the scheduler holding this extension
+    scheduler: Scheduler
+    #: Policies run at every cycle, in insertion order
+    policies: PolicySet
+    #: Attribute of :class:`distributed.scheduler.MemoryState` used to order workers
+    measure: str
+    #: Seconds between two cycles once started
+    interval: float
+    #: Lifetime counters, see :meth:`statistics`
+    stats: ManagerStats
+
+    def __init__(
+        self,
+        scheduler: Scheduler,
+        policies: Iterable[_DistributedPolicy] | None = None,
+        *,
+        measure: str | None = None,
+        register: bool = True,
+        start: bool | None = None,
+        interval: float | str | None = None,
+    ):
+        self.scheduler = scheduler
+        self.policies = PolicySet()
+        self.stats = ManagerStats()
+        self._cycle: Cycle | None = None
+
+        if policies is None:
+            policies = config.build_policies(*config.setting("policies"))
+        for policy in policies:
+            self.add_policy(policy)
+
+        if measure is None:
+            self.measure = config.parse_measure(*config.setting("measure"))
+        else:
+            self.measure = config.parse_measure("measure", measure)
+
+        if interval is None:
+            self.interval = config.parse_interval(*config.setting("interval"))
+        else:
+            self.interval = config.parse_interval("interval", interval)
+
+        if register:
+            scheduler.handlers.update(
+                {
+                    "amm_handler": self.amm_handler,
+                    "amm_statistics": self.statistics,
+                    "amm_policies": self.describe_policies,
+                    "amm_add_policy": self.add_policy_from_spec,
+                    "amm_remove_policy": self.remove_policies,
+                }
+            )
+
+        if start is None:
+            start = config.parse_start(*config.setting("start"))
+        if start:
+            self.start()
+
+    def __repr__(self) -> str:
+        return (
+            f"<ActiveMemoryManager: {len(self.policies)} policies, "
+            f"interval={self.interval}s, running={self.running}>"
+        )
+
+    # -- lifecycle ---------------------------------------------------------------
+
+    @property
+    def _callback_name(self) -> str:
+        return f"amm-{id(self)}"
+
+    def start(self) -> None:
+        """Run a cycle every ``interval`` seconds until stopped or the scheduler
+        closes. Starting a running manager does nothing.
+        """
+        if self.running:
+            return
+        pc = PeriodicCallback(self.run_once, self.interval * 1000.0)
+        self.scheduler.periodic_callbacks[self._callback_name] = pc
+        pc.start()
+
+    def stop(self) -> None:
+        """Stop the periodic cycle. Stopping a stopped manager does nothing."""
+        pc = self.scheduler.periodic_callbacks.pop(self._callback_name, None)
+        if pc:
+            pc.stop()
+
+    @property
+    def running(self) -> bool:
+        """True while cycles run periodically"""
+        return self._callback_name in self.scheduler.periodic_callbacks
+
+    # -- policies ----------------------------------------------------------------
+
+    def add_policy(self, policy: _DistributedPolicy) -> None:
+        """Add a policy; it runs from the next cycle on. Policies written for
+        distributed's manager are accepted as they are.
+        """
+        if not isinstance(policy, _DistributedPolicy):
+            raise TypeError(f"Expected ActiveMemoryManagerPolicy; got {policy!r}")
+        self.policies.add(policy)
+        policy.manager = self  # type: ignore[assignment]
+
+    def desired_replicas(self, ts: TaskState) -> int:
+        """The number of replicas of ``ts`` that no drop may go below: 1, unless a
+        policy asks for more through
+        :meth:`ActiveMemoryManagerPolicy.desired_replicas`.
+        """
+        if self._cycle is not None:
+            return self._cycle.desired_replicas(ts)
+        protectors = [p for p in self.policies if _protects_keys(p)]
+        return _desired_replicas_of(protectors)(ts)
+
+    # -- the cycle ---------------------------------------------------------------
+
+    @property
+    def pending(self) -> dict[TaskState, tuple[set[WorkerState], set[WorkerState]]]:
+        """Replications and drops accepted so far in the running cycle, per task.
+        Only exists while a cycle runs, as in distributed.
+        """
+        if self._cycle is None:
+            raise AttributeError("pending only exists while a cycle runs")
+        return self._cycle.pending
+
+    @property
+    def workers_memory(self) -> dict[WorkerState, int]:
+        """Expected memory of each worker once the accepted suggestions of the
+        running cycle are enacted. Only exists while a cycle runs.
+        """
+        if self._cycle is None:
+            raise AttributeError("workers_memory only exists while a cycle runs")
+        return self._cycle.memory
+
+    def run_once(self) -> None:
+        """Run every policy once and send what was accepted to the workers. Returns
+        as soon as the messages are queued; it does not wait for the transfers.
+        """
+        if self._cycle is not None:
+            raise RuntimeError("run_once() called from within a running AMM cycle")
+        ts_start = time()
+        protectors = [p for p in self.policies if _protects_keys(p)]
+        cycle = self._cycle = Cycle(
+            self.scheduler, self.measure, _desired_replicas_of(protectors)
+        )
+        try:
+            for policy in list(self.policies):  # a policy may remove itself
+                cycle.run_policy(policy)
+            cycle.enact()
+        finally:
+            self._cycle = None
+        elapsed = time() - ts_start
+        self.stats.record(cycle.stats, elapsed)
+        logger.debug("Active Memory Manager run in %.0fms", elapsed * 1000)
+
+    # -- RPC handlers ------------------------------------------------------------
+
+    def amm_handler(self, method: str) -> Any:
+        """Serve ``client.amm.start()``, ``.stop()``, ``.run_once()``, ``.running()``"""
+        if method not in CLIENT_PROXY_METHODS:
+            raise ValueError(
+                f"Unknown AMM method {method!r}; expected one of "
+                + ", ".join(sorted(CLIENT_PROXY_METHODS))
+            )
+        out = getattr(self, method)
+        return out() if callable(out) else out
+
+    def statistics(self) -> dict[str, Any]:
+        """Lifetime counters: cycles run, their durations, replications and drops
+        requested and rejected, policy errors, accepted suggestions per policy.
+        """
+        out = self.stats.to_dict()
+        out["running"] = self.running
+        out["interval"] = self.interval
+        out["measure"] = self.measure
+        return out
+
+    def describe_policies(self) -> list[dict[str, Any]]:
+        """The policies in the order they run"""
+        return [
+            {"class": f"{type(p).__module__}.{type(p).__qualname__}", "repr": repr(p)}
+            for p in self.policies
+        ]
+
+    def add_policy_from_spec(self, spec: dict[str, Any]) -> str:
+        """Instantiate and add a policy from ``{"class": dotted.path, **kwargs}``,
+        as in the ``policies`` config list. Returns the new policy's repr.
+        """
+        (policy,) = config.build_policies("policy", [spec])
+        self.add_policy(policy)
+        logger.info("Added policy %r", policy)
+        return repr(policy)
+
+    def remove_policies(self, cls: str) -> int:
+        """Remove every policy whose class is ``cls`` (a dotted path or a class
+        name). Returns how many were removed.
+        """
+        removed = [
+            p
+            for p in self.policies
+            if cls in (type(p).__qualname__, f"{type(p).__module__}.{type(p).__qualname__}")
+        ]
+        for policy in removed:
+            self.policies.discard(policy)
+        if removed:
+            logger.info("Removed policies %r", removed)
+        return len(removed)
+
+
+def _protects_keys(policy: object) -> bool:
+    """Whether the policy overrides the desired-replicas hook"""
+    return (
+        isinstance(policy, ActiveMemoryManagerPolicy)
+        and type(policy).desired_replicas
+        is not ActiveMemoryManagerPolicy.desired_replicas
+    )
+
+
+def _desired_replicas_of(protectors: list[Any]) -> Any:
+    """The desired-replicas function of a cycle. The policies that protect keys are
+    found once per cycle; with none (the common case) every key desires 1.
+    """
+    if not protectors:
+        return lambda ts: 1
+
+    def desired_replicas(ts: TaskState) -> int:
+        return max(1, *(p.desired_replicas(ts) for p in protectors))
+
+    return desired_replicas

@@ -1,0 +1,94 @@
+"""Installing the manager in a scheduler, in place of distributed's built-in one.
+
+Every way in goes through :class:`ActiveMemoryManagerPlugin`:
+
+- ``distributed.scheduler.preload: [amm]`` in dask config, ``dask scheduler
+  --preload amm`` and ``LocalCluster(scheduler_kwargs={"preload": ["amm"]})`` run
+  :func:`amm.dask_setup`, which adds the plugin; the scheduler starts it.
+- ``client.register_plugin(ActiveMemoryManagerPlugin())`` starts it on a running
+  scheduler.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from distributed.active_memory_manager import RetireWorker as _DistributedRetireWorker
+from distributed.diagnostics.plugin import SchedulerPlugin
+from distributed.scheduler import Scheduler
+
+from amm.logs import logger
+from amm.manager import ActiveMemoryManager
+
+
+class ActiveMemoryManagerPlugin(SchedulerPlugin):
+    """Scheduler plugin that installs :class:`~amm.ActiveMemoryManager` as
+    ``scheduler.extensions["amm"]`` and stops the built-in manager.
+
+    Keyword arguments (``start``, ``interval``, ``measure``) override the ``amm``
+    config section on the scheduler; anything left out is read from there.
+    """
+
+    name = "amm"
+    idempotent = True
+
+    def __init__(self, **overrides: Any):
+        unknown = set(overrides) - {"start", "interval", "measure"}
+        if unknown:
+            raise TypeError(
+                f"ActiveMemoryManagerPlugin got unexpected arguments {sorted(unknown)}"
+            )
+        self.overrides = overrides
+        self.manager: ActiveMemoryManager | None = None
+
+    async def start(self, scheduler: Scheduler) -> None:
+        self.manager = install(scheduler, **self.overrides)
+
+    async def close(self) -> None:
+        if self.manager is not None:
+            self.manager.stop()
+
+
+def install(scheduler: Scheduler, **overrides: Any) -> ActiveMemoryManager:
+    """Replace the scheduler's AMM extension with this project's manager.
+
+    The new manager is fully built (and its config validated) before anything in the
+    scheduler changes, so an invalid config raises and leaves the built-in manager
+    running as it was. Installing twice keeps the first manager.
+    """
+    current = scheduler.extensions.get("amm")
+    if isinstance(current, ActiveMemoryManager):
+        return current
+
+    start = overrides.pop("start", None)
+    manager = ActiveMemoryManager(scheduler, start=False, **overrides)
+
+    if current is not None:
+        was_running = current.running
+        current.stop()
+        # Retirements in progress hold RetireWorker policies of the old manager and
+        # wait on them; carry them over or they would wait forever.
+        for policy in list(current.policies):
+            if isinstance(policy, _DistributedRetireWorker):
+                current.policies.discard(policy)
+                manager.add_policy(policy)
+        logger.info(
+            "Replaced the built-in Active Memory Manager (was %s)",
+            "running" if was_running else "stopped",
+        )
+    scheduler.extensions["amm"] = manager
+
+    if start is None:
+        from amm import config
+
+        start = config.parse_start(*config.setting("start"))
+    if start:
+        manager.start()
+    logger.info(
+        "Active Memory Manager installed: %d policies, interval %ss, measure %s, %s",
+        len(manager.policies),
+        manager.interval,
+        manager.measure,
+        "started" if start else "not started",
+    )
+    return manager

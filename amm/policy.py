@@ -1,0 +1,86 @@
+"""The base class of this project's policies, and the ordered set that holds the
+policies of a manager.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, MutableSet
+from typing import TYPE_CHECKING
+
+from distributed.active_memory_manager import (
+    ActiveMemoryManagerPolicy as _DistributedPolicy,
+)
+from distributed.active_memory_manager import Suggestion, SuggestionGenerator
+from distributed.scheduler import TaskState
+
+if TYPE_CHECKING:
+    from amm.manager import ActiveMemoryManager
+
+__all__ = ["ActiveMemoryManagerPolicy", "PolicySet", "Suggestion", "SuggestionGenerator"]
+
+
+class ActiveMemoryManagerPolicy(_DistributedPolicy):
+    """Base class for policies: subclass it and implement :meth:`run`, a generator of
+    :class:`~distributed.active_memory_manager.Suggestion` (or plain
+    ``(op, ts, candidates)`` tuples), exactly as for distributed's manager:
+
+    .. code-block:: python
+
+        class DropFromPaused(ActiveMemoryManagerPolicy):
+            def run(self):
+                for ws in self.manager.scheduler.workers.values():
+                    if ws.status == Status.paused:
+                        for ts in ws.has_what:
+                            yield Suggestion("drop", ts, {ws})
+
+    ``choice = yield Suggestion(...)`` receives the worker the manager picked, or
+    None if it rejected the suggestion. During :meth:`run`, ``self.manager.pending``
+    holds the suggestions accepted so far in this cycle and
+    ``self.manager.workers_memory`` the memory each worker will have once they are
+    enacted.
+
+    Subclassing distributed's base means these policies also run on distributed's
+    own manager, and that the manager here runs any policy written for distributed.
+    """
+
+    manager: ActiveMemoryManager
+
+    def desired_replicas(self, ts: TaskState) -> int:
+        """How many replicas of ``ts`` this policy wants kept.
+
+        The manager never accepts a drop, from any policy, that would leave a key
+        with fewer replicas than the highest value any policy returns here. Policies
+        that do not protect keys leave this alone; the manager then skips them
+        entirely when it asks, so the hook costs nothing unless it is used.
+        """
+        return 1
+
+
+class PolicySet(MutableSet[_DistributedPolicy]):
+    """The policies of a manager: a set, as in distributed (policies remove
+    themselves with ``manager.policies.remove(self)``), that also remembers
+    insertion order so that policies run in the order they were configured.
+    """
+
+    __slots__ = ("_policies",)
+
+    def __init__(self, policies: Iterable[_DistributedPolicy] = ()):
+        self._policies: dict[_DistributedPolicy, None] = dict.fromkeys(policies)
+
+    def __contains__(self, policy: object) -> bool:
+        return policy in self._policies
+
+    def __iter__(self) -> Iterator[_DistributedPolicy]:
+        return iter(self._policies)
+
+    def __len__(self) -> int:
+        return len(self._policies)
+
+    def add(self, policy: _DistributedPolicy) -> None:
+        self._policies[policy] = None
+
+    def discard(self, policy: _DistributedPolicy) -> None:
+        self._policies.pop(policy, None)
+
+    def __repr__(self) -> str:
+        return f"PolicySet({list(self._policies)!r})"

@@ -1,0 +1,59 @@
+"""Counters that make the manager observable: what each cycle decided and what it
+cost, accumulated over the manager's lifetime and readable from the client.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass
+class CycleStats:
+    """What one cycle, or the sum of many, decided"""
+
+    replicas_requested: int = 0
+    drops_requested: int = 0
+    replicate_rejected: int = 0
+    drop_rejected: int = 0
+    policy_errors: int = 0
+    #: accepted suggestions per policy, by repr
+    by_policy: Counter[str] = field(default_factory=Counter)
+
+    def count_policy(self, policy: object, journal: list[Any]) -> None:
+        if journal:
+            self.by_policy[repr(policy)] += len(journal)
+
+    def add(self, other: CycleStats) -> None:
+        self.replicas_requested += other.replicas_requested
+        self.drops_requested += other.drops_requested
+        self.replicate_rejected += other.replicate_rejected
+        self.drop_rejected += other.drop_rejected
+        self.policy_errors += other.policy_errors
+        self.by_policy.update(other.by_policy)
+
+
+@dataclass
+class ManagerStats:
+    """Lifetime totals of a manager"""
+
+    cycles: int = 0
+    total: CycleStats = field(default_factory=CycleStats)
+    last_cycle_seconds: float = 0.0
+    max_cycle_seconds: float = 0.0
+    total_cycle_seconds: float = 0.0
+
+    def record(self, cycle: CycleStats, seconds: float) -> None:
+        self.cycles += 1
+        self.total.add(cycle)
+        self.last_cycle_seconds = seconds
+        self.max_cycle_seconds = max(self.max_cycle_seconds, seconds)
+        self.total_cycle_seconds += seconds
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data, safe to send over the wire"""
+        out = asdict(self)
+        out.update(out.pop("total"))
+        out["by_policy"] = dict(self.total.by_policy)
+        return out

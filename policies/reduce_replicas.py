@@ -1,0 +1,57 @@
+"""ReduceReplicas: drop the replicas of a key that no computation needs."""
+
+from __future__ import annotations
+
+from amm.logs import logger
+from amm.policy import ActiveMemoryManagerPolicy, Suggestion, SuggestionGenerator
+
+#: Above this many waiters, don't look at where they run: assume each may need its
+#: own replica. Telling them apart costs a set build per key per cycle.
+MAX_WAITERS_INSPECTED = 20
+
+
+class ReduceReplicas(ActiveMemoryManagerPolicy):
+    """Drop the replicas of in-memory keys beyond what is needed.
+
+    A key needs as many replicas as the manager's desired count for it (1 unless a
+    policy such as ReplicateN asks for more), or as many as the distinct places its
+    waiting dependents will run, whichever is larger. A dependent not yet assigned to
+    a worker counts as a place of its own: dropping a replica it is about to fetch
+    would only cause a transfer back.
+
+    Which replicas go is the manager's choice: those on paused or retiring workers
+    first, then those on the most loaded workers, never the last one, never one a
+    processing dependent is using.
+    """
+
+    def run(self) -> SuggestionGenerator:
+        manager = self.manager
+        pending = manager.pending
+        desired_replicas = manager.desired_replicas
+        nkeys = 0
+        ndrop = 0
+
+        for ts in manager.scheduler.replicated_tasks:
+            waiters = ts.waiters
+            nwaiters = len(waiters) if waiters else 0
+            if 1 < nwaiters < MAX_WAITERS_INSPECTED:
+                nwaiters = len({w.processing_on or w for w in waiters})  # type: ignore[union-attr]
+
+            keep = max(desired_replicas(ts), nwaiters)
+            ndrop_key = len(ts.who_has) - keep  # type: ignore[arg-type]
+            entry = pending.get(ts)
+            if entry:
+                ndrop_key += len(entry[0]) - len(entry[1])
+
+            if ndrop_key > 0:
+                nkeys += 1
+                ndrop += ndrop_key
+                for _ in range(ndrop_key):
+                    yield Suggestion("drop", ts)
+
+        if ndrop:
+            logger.debug(
+                "ReduceReplicas: Dropping %d superfluous replicas of %d tasks",
+                ndrop,
+                nkeys,
+            )
