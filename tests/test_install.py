@@ -1,0 +1,125 @@
+"""Every way of installing the manager replaces the built-in one"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+import dask
+from distributed import Client, LocalCluster, Scheduler
+from distributed.active_memory_manager import ActiveMemoryManagerExtension
+from distributed.utils_test import gen_cluster, gen_test
+
+import amm
+from amm import ActiveMemoryManager, ActiveMemoryManagerPlugin, AMMConfigError
+from conftest import amm_config
+
+
+def assert_installed(s: Scheduler) -> ActiveMemoryManager:
+    manager = s.extensions["amm"]
+    assert isinstance(manager, ActiveMemoryManager)
+    assert s.handlers["amm_handler"] == manager.amm_handler
+    # the built-in manager no longer runs periodically
+    assert [name for name in s.periodic_callbacks if name.startswith("amm-")] == (
+        [manager._callback_name] if manager.running else []
+    )
+    return manager
+
+
+@gen_cluster(client=True, config=amm_config(start=True, interval="50ms"))
+async def test_preload_config(c, s, a, b):
+    manager = assert_installed(s)
+    assert manager.running
+    assert manager.interval == 0.05
+    assert await c.amm.running()
+    x = await c.scatter({"x": 1}, broadcast=True)  # noqa: F841
+    # the periodic cycle drops the extra replica
+    while len(s.tasks["x"].who_has) > 1:
+        await asyncio.sleep(0.01)
+
+
+@gen_test()
+async def test_preload_scheduler_kwarg():
+    """What `dask scheduler --preload amm` and LocalCluster(scheduler_kwargs=...) do"""
+    async with Scheduler(host="127.0.0.1", dashboard=False, preload=["amm"]) as s:
+        manager = assert_installed(s)
+        assert manager.running  # amm.start defaults to true
+        assert [type(p) for p in manager.policies] == [amm.ReduceReplicas]
+
+
+def test_localcluster_scheduler_kwargs():
+    with LocalCluster(
+        n_workers=2,
+        processes=False,
+        dashboard_address=":0",
+        scheduler_kwargs={"preload": ["amm"]},
+    ) as cluster, Client(cluster) as client:
+        assert client.run_on_scheduler(
+            lambda dask_scheduler: type(dask_scheduler.extensions["amm"]).__name__
+        ) == "ActiveMemoryManager"
+        assert client.amm.running()
+        client.amm.stop()
+        assert not client.amm.running()
+
+
+@gen_cluster(client=True)
+async def test_register_plugin_on_running_cluster(c, s, a, b):
+    builtin = s.extensions["amm"]
+    assert isinstance(builtin, ActiveMemoryManagerExtension)
+    assert builtin.running
+
+    await c.register_plugin(ActiveMemoryManagerPlugin(interval="100ms"))
+    manager = assert_installed(s)
+    assert not builtin.running
+    assert manager.running
+    assert manager.interval == 0.1
+    assert await c.amm.running()
+
+    # registering again keeps the first manager
+    await c.register_plugin(ActiveMemoryManagerPlugin())
+    assert s.extensions["amm"] is manager
+
+
+@gen_cluster(client=True, config={"distributed.scheduler.active-memory-manager.start": False})
+async def test_register_plugin_start_false(c, s, a, b):
+    await c.register_plugin(ActiveMemoryManagerPlugin(start=False))
+    manager = assert_installed(s)
+    assert not manager.running
+    await c.amm.start()
+    assert manager.running
+
+
+@gen_cluster(client=True)
+async def test_invalid_config_leaves_builtin_running(c, s, a, b):
+    builtin = s.extensions["amm"]
+    with dask.config.set({"amm.measure": "nonsense"}):
+        with pytest.raises(AMMConfigError, match="amm.measure='nonsense'"):
+            await c.register_plugin(ActiveMemoryManagerPlugin())
+    assert s.extensions["amm"] is builtin
+    assert builtin.running
+    assert await c.amm.running()
+
+
+def test_plugin_rejects_unknown_arguments():
+    with pytest.raises(TypeError, match="polices"):
+        ActiveMemoryManagerPlugin(polices=[])
+
+
+@gen_cluster(client=True)
+async def test_retirement_in_progress_is_carried_over(c, s, a, b):
+    """A RetireWorker policy of the manager being replaced moves to the new one,
+    or the retire_workers() call waiting on it would wait forever.
+    """
+    from distributed.active_memory_manager import ReduceReplicas, RetireWorker
+
+    builtin = s.extensions["amm"]
+    policy = RetireWorker(a.address)
+    builtin.add_policy(policy)
+
+    new = amm.install(s)
+    assert policy in new.policies
+    assert policy.manager is new
+    assert policy not in builtin.policies
+    # the built-in's own configured policies stay behind
+    assert not any(isinstance(p, ReduceReplicas) for p in new.policies)
