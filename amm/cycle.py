@@ -129,13 +129,14 @@ class Cycle:
         reason: str,
         exc: bool = True,
     ) -> None:
+        withdrawn = len(journal)
         self.rollback(journal)
         self.stats.policy_errors += 1
         logger.error(
             "Policy %r %s; its %d suggestions of this cycle are withdrawn",
             policy,
             reason,
-            len(journal),
+            withdrawn,
             exc_info=exc,
         )
 

@@ -28,7 +28,10 @@ def new_scheduler(**kwargs: Any) -> Scheduler:
     async def create() -> Scheduler:
         with dask.config.set({"distributed.scheduler.active-memory-manager.start": False}):
             return Scheduler(
-                dashboard=False, extensions={}, validate=False, **kwargs
+                dashboard_address="127.0.0.1:0",
+                extensions={},
+                validate=False,
+                **kwargs,
             )
 
     return asyncio.run(create())

@@ -1,0 +1,168 @@
+"""A misbehaving policy is logged with its name and withdrawn for the cycle; the
+other policies and the cluster carry on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import pytest
+
+from distributed.utils_test import captured_logger, gen_cluster
+
+from amm import ActiveMemoryManager, ActiveMemoryManagerPolicy, Suggestion
+from amm.testing import add_task, add_worker, new_scheduler
+from conftest import amm_config
+
+
+class Raises(ActiveMemoryManagerPolicy):
+    """Makes a valid suggestion, then fails"""
+
+    def run(self):
+        yield Suggestion("drop", self.manager.scheduler.tasks["x"])
+        raise ZeroDivisionError("boom")
+
+
+class RaisesAtCall(ActiveMemoryManagerPolicy):
+    def run(self):  # not a generator: fails when called
+        raise KeyError("early")
+
+
+class Yields(ActiveMemoryManagerPolicy):
+    def __init__(self, what):
+        self.what = what
+
+    def __repr__(self):
+        return f"Yields({self.what!r})"
+
+    def run(self):
+        yield Suggestion("drop", self.manager.scheduler.tasks["x"])
+        what = self.what(self.manager.scheduler) if callable(self.what) else self.what
+        yield what
+
+
+class DropY(ActiveMemoryManagerPolicy):
+    def run(self):
+        yield Suggestion("drop", self.manager.scheduler.tasks["y"])
+
+
+def stale_worker(s):
+    from amm.testing import WorkerState  # a worker the scheduler does not know
+
+    return Suggestion(
+        "drop",
+        s.tasks["x"],
+        {
+            WorkerState(
+                address="tcp://gone:1",
+                status=next(iter(s.workers.values())).status,
+                pid=0,
+                name="gone",
+                memory_limit=0,
+                local_directory="",
+                nanny=None,
+                server_id="gone",
+            )
+        },
+    )
+
+
+def forgotten_task(s):
+    from distributed.scheduler import TaskState
+
+    ts = s.tasks["x"]
+    return Suggestion("drop", TaskState("x", None, "memory", ts.group, validate=False))
+
+
+BAD = [
+    pytest.param("garbage", "which is not a Suggestion", id="string"),
+    pytest.param(("drop",), "which is not a Suggestion", id="short-tuple"),
+    pytest.param(lambda s: ("move", s.tasks["x"], None), "op 'move'", id="bad-op"),
+    pytest.param(("drop", "x", None), "where a TaskState was expected", id="key-not-ts"),
+    pytest.param(forgotten_task, "key 'x', unknown to the scheduler", id="stale-task"),
+    pytest.param(stale_worker, "not a worker of this scheduler", id="stale-worker"),
+    pytest.param(lambda s: ("drop", s.tasks["x"], 42), "expected a set", id="bad-candidates"),
+]
+
+
+@pytest.fixture
+def cluster():
+    s = new_scheduler()
+    from amm.testing import Recorder
+
+    recorder = Recorder(s)
+    wss = [add_worker(s, f"tcp://w{i}:1") for i in range(3)]
+    add_task(s, "x", 10, wss)
+    add_task(s, "y", 10, wss)
+    return s, recorder
+
+
+def run(s, *policies):
+    m = ActiveMemoryManager(s, list(policies), register=False, start=False)
+    m.run_once()
+    return m
+
+
+@pytest.mark.parametrize("bad,message", BAD)
+def test_invalid_suggestion_withdraws_policy(cluster, bad, message):
+    s, recorder = cluster
+    policy = Yields(bad)
+    with captured_logger("distributed.active_memory_manager", logging.ERROR) as log:
+        m = run(s, policy, DropY())
+    text = log.getvalue()
+    assert repr(policy) in text
+    assert message in text
+    assert "its 1 suggestions of this cycle are withdrawn" in text
+    # the bad policy's earlier, valid drop of x was withdrawn; DropY still ran
+    assert recorder.pop() == [("remove-replicas", "tcp://w2:1", ["y"])]
+    assert len(s.tasks["x"].who_has) == 3
+    assert m.stats.total.policy_errors == 1
+
+
+@pytest.mark.parametrize("policy", [Raises(), RaisesAtCall()], ids=["midway", "at-call"])
+def test_raising_policy_is_isolated(cluster, policy):
+    s, recorder = cluster
+    with captured_logger("distributed.active_memory_manager", logging.ERROR) as log:
+        m = run(s, policy, DropY())
+    text = log.getvalue()
+    assert f"Policy {policy!r} raised" in text
+    assert "Traceback" in text
+    assert recorder.pop() == [("remove-replicas", "tcp://w2:1", ["y"])]
+    assert len(s.tasks["x"].who_has) == 3
+    # rollback restored the expected memory bookkeeping: a second run is clean
+    m.policies.discard(policy)
+    m.run_once()
+    assert m.stats.total.policy_errors == 1
+
+
+def test_policy_fails_again_next_cycle_and_others_keep_running(cluster):
+    s, recorder = cluster
+    m = run(s, Raises())
+    m.add_policy(DropY())
+    m.run_once()
+    m.run_once()
+    assert m.stats.total.policy_errors == 3
+    assert len(s.tasks["y"].who_has) == 1
+
+
+def test_non_generator_iterables_are_accepted(cluster):
+    s, recorder = cluster
+
+    class ListPolicy(ActiveMemoryManagerPolicy):
+        def run(self):
+            return [Suggestion("drop", self.manager.scheduler.tasks["x"])]
+
+    run(s, ListPolicy())
+    assert recorder.pop() == [("remove-replicas", "tcp://w2:1", ["x"])]
+
+
+@gen_cluster(client=True, config=amm_config(start=True, interval="50ms"))
+async def test_bad_policy_on_live_cluster(c, s, a, b):
+    """With a broken policy installed, ReduceReplicas still does its job"""
+    s.extensions["amm"].add_policy(Yields("garbage"))
+    x = await c.scatter({"x": 1}, broadcast=True)  # noqa: F841
+    while len(s.tasks["x"].who_has) > 1:
+        await asyncio.sleep(0.01)
+    assert s.extensions["amm"].stats.total.policy_errors >= 1
+    assert await c.submit(lambda x: x + 1, x["x"]) == 2

@@ -1,0 +1,157 @@
+"""Property tests: random cluster states built from real WorkerState / TaskState
+objects, random (often nonsensical) suggestions, and the invariants checked on what
+the manager actually sends.
+"""
+
+from __future__ import annotations
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from distributed.core import Status
+
+from amm import ActiveMemoryManager, ActiveMemoryManagerPolicy, Suggestion
+from amm.ordering import WorkerMemoryOrder
+from amm.testing import Recorder, add_task, add_worker, new_scheduler, set_status
+
+STATUSES = [Status.running, Status.running, Status.paused, Status.closing_gracefully]
+
+
+@st.composite
+def cluster_states(draw):
+    nworkers = draw(st.integers(1, 7))
+    statuses = draw(st.lists(st.sampled_from(STATUSES), min_size=nworkers, max_size=nworkers))
+    ntasks = draw(st.integers(1, 8))
+    tasks = []
+    for i in range(ntasks):
+        holders = draw(st.sets(st.integers(0, nworkers - 1)))
+        tasks.append(
+            {
+                "holders": sorted(holders),
+                "nbytes": draw(st.integers(0, 1000)),
+                "actor": draw(st.booleans()) if holders else False,
+                # workers where a dependent of this task is processing
+                "waiters_on": sorted(draw(st.sets(st.integers(0, nworkers - 1), max_size=3))),
+                "desired": draw(st.integers(1, 4)),
+            }
+        )
+    suggestions = draw(
+        st.lists(
+            st.tuples(
+                st.sampled_from(["replicate", "drop"]),
+                st.integers(0, ntasks - 1),
+                st.one_of(st.none(), st.sets(st.integers(0, nworkers - 1))),
+            ),
+            max_size=40,
+        )
+    )
+    return statuses, tasks, suggestions
+
+
+def build(statuses, tasks):
+    s = new_scheduler()
+    recorder = Recorder(s)
+    wss = [add_worker(s, f"tcp://w{i}:1") for i in range(len(statuses))]
+    for ws, status in zip(wss, statuses):
+        set_status(s, ws, status)
+    tss = []
+    for i, spec in enumerate(tasks):
+        holders = [wss[j] for j in spec["holders"]]
+        ts = add_task(s, f"t{i}", spec["nbytes"], holders, state="memory" if holders else "released")
+        ts.actor = spec["actor"]
+        for j in spec["waiters_on"]:
+            dts = s.new_task(f"dep-{i}-{j}", None, "released")
+            dts.state = "processing"
+            dts.processing_on = wss[j]
+            ts.waiters = (ts.waiters or set()) | {dts}
+            ts.dependents.add(dts)
+        tss.append(ts)
+    return s, recorder, wss, tss
+
+
+class Random(ActiveMemoryManagerPolicy):
+    def __init__(self, suggestions, wss, tss, desired):
+        self.suggestions = suggestions
+        self.wss = wss
+        self.tss = tss
+        self.desired = desired
+
+    def desired_replicas(self, ts):
+        return self.desired.get(ts, 1)
+
+    def run(self):
+        for op, i, cands in self.suggestions:
+            candidates = None if cands is None else {self.wss[j] for j in cands}
+            yield Suggestion(op, self.tss[i], candidates)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(cluster_states())
+def test_invariants_hold_on_what_is_sent(state):
+    statuses, tasks, suggestions = state
+    s, recorder, wss, tss = build(statuses, tasks)
+    before = {ts: set(ts.who_has or ()) for ts in tss}
+    desired = {ts: spec["desired"] for ts, spec in zip(tss, tasks)}
+    policy = Random(suggestions, wss, tss, desired)
+    ActiveMemoryManager(s, [policy], register=False, start=False).run_once()
+
+    sent = recorder.pop()
+    acquired: dict = {ts: [] for ts in tss}
+    dropped: dict = {ts: [] for ts in tss}
+    for op, addr, keys in sent:
+        ws = s.workers[addr]
+        for key in keys:
+            (acquired if op == "acquire-replicas" else dropped)[s.tasks[key]].append(ws)
+
+    for ts, spec in zip(tss, tasks):
+        holders = before[ts]
+        if not holders or ts.actor:
+            assert not acquired[ts] and not dropped[ts], ts
+            continue
+        # drops only from holders, at most once each, never where a dependent runs
+        assert len(dropped[ts]) == len(set(dropped[ts]))
+        assert set(dropped[ts]) <= holders
+        assert not set(dropped[ts]) & {wss[j] for j in spec["waiters_on"]}
+        # never the last replica, never below the desired count
+        remaining = len(holders) - len(dropped[ts])
+        assert remaining >= 1
+        if dropped[ts]:
+            assert remaining >= desired[ts]
+        # replicate only to running non-holders, once each
+        assert len(acquired[ts]) == len(set(acquired[ts]))
+        for ws in acquired[ts]:
+            assert ws.status == Status.running
+            assert ws not in holders
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    memory=st.lists(st.integers(0, 50), min_size=1, max_size=60),
+    candidates=st.one_of(st.none(), st.sets(st.integers(0, 59))),
+    rejected=st.sets(st.integers(0, 59)),
+    updates=st.lists(st.tuples(st.integers(0, 59), st.integers(0, 50)), max_size=10),
+)
+def test_order_matches_brute_force(memory, candidates, rejected, updates):
+    """Both search strategies (scan, walk) agree with a brute-force min/max over
+    (memory, position), also after in-place updates.
+    """
+    workers = [object() for _ in memory]
+    mem = dict(zip(workers, memory))
+    order = WorkerMemoryOrder(mem)  # type: ignore[arg-type]
+    for i, nbytes in updates:
+        if i < len(workers):
+            order.update(workers[i], nbytes)  # type: ignore[arg-type]
+    cands = None if candidates is None else {workers[i] for i in candidates if i < len(workers)}
+    rej = {workers[i] for i in rejected if i < len(workers)}
+
+    def accept(ws):
+        return ws not in rej
+
+    pool = [ws for ws in workers if (cands is None or ws in cands) and accept(ws)]
+
+    def key(ws):
+        return (mem[ws], workers.index(ws))
+
+    assert order.lowest(cands, accept) is min(pool, key=key, default=None)  # type: ignore[arg-type]
+    assert order.highest(cands, accept) is max(pool, key=key, default=None)  # type: ignore[arg-type]
+    assert list(order.ascending()) == sorted(workers, key=key)
