@@ -32,9 +32,11 @@ class AMMClient:
         self._client = client
 
     def _call(self, handler: str, **kwargs: Any) -> Any:
-        return self._client.sync(
-            getattr(self._client.scheduler, handler), **kwargs
-        )
+        return self._client.sync(getattr(self._client.scheduler, handler), **kwargs)
+
+    async def _policies(self) -> list[dict[str, Any]]:
+        # the wire turns lists into tuples
+        return list(await self._client.scheduler.amm_policies())
 
     # the verbs of distributed's client.amm, for a single entry point
     def start(self) -> Any:
@@ -57,7 +59,7 @@ class AMMClient:
 
     def policies(self) -> Any:
         """The manager's policies, in the order they run"""
-        return self._call("amm_policies")
+        return self._client.sync(self._policies)
 
     def add_policy(self, cls: str, **kwargs: Any) -> Any:
         """Add a policy by dotted class path, with keyword arguments for its

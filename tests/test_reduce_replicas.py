@@ -1,0 +1,127 @@
+"""ReduceReplicas on real clusters"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from distributed import Event
+from distributed.utils_test import async_poll_for, gen_cluster
+
+from amm import ActiveMemoryManagerPolicy, AMMClient, ReduceReplicas
+from amm.testing import Recorder, add_task, add_worker, new_scheduler
+from conftest import amm_config
+
+
+@gen_cluster(client=True, nthreads=[("", 1)] * 4, config=amm_config())
+async def test_drops_superfluous_replicas(c, s, *workers):
+    x = await c.scatter({"x": 123}, broadcast=True)  # noqa: F841
+    y = await c.scatter({"y": 456}, workers=[workers[0].address])  # noqa: F841
+    assert len(s.tasks["x"].who_has) == 4
+    await c.amm.run_once()
+    await async_poll_for(lambda: len(s.tasks["x"].who_has) == 1, timeout=5)
+    assert len(s.tasks["y"].who_has) == 1
+    stats = await AMMClient(c).statistics()
+    assert stats["drops_requested"] == 3
+    assert stats["by_policy"] == {"ReduceReplicas()": 3}
+
+
+@pytest.mark.parametrize(
+    "nwaiters_w1,nwaiters_w2,nwaiters_nonproc,nreplicas",
+    [
+        (0, 0, 0, 1),
+        (1, 0, 0, 1),
+        (0, 0, 1, 1),
+        (2, 0, 0, 1),
+        (1, 1, 0, 2),
+        (1, 1, 1, 3),
+        (1, 1, 2, 4),
+        (17, 1, 1, 3),
+        # 20+ waiters: not inspected, each may need its own replica
+        (18, 1, 1, 4),
+    ],
+)
+@gen_cluster(client=True, nthreads=[("", 1)] * 4, config=amm_config())
+async def test_keeps_replicas_for_waiters(
+    c, s, w1, w2, w3, w4, nwaiters_w1, nwaiters_w2, nwaiters_nonproc, nreplicas
+):
+    """A key keeps one replica per distinct place its waiting dependents will run;
+    dependents not yet assigned each count as a place.
+    """
+    ev = Event()
+    x = (await c.scatter({"x": 123}, broadcast=True))["x"]
+    y = c.submit(lambda ev: ev.wait(), ev, key="y", workers=[w4.address])
+    waiters = [
+        c.submit(lambda x, ev: ev.wait(), x, ev, key=("zw1", i), workers=[w1.address])
+        for i in range(nwaiters_w1)
+    ] + [
+        c.submit(lambda x, ev: ev.wait(), x, ev, key=("zw2", i), workers=[w2.address])
+        for i in range(nwaiters_w2)
+    ] + [
+        c.submit(lambda x, y: None, x, y, key=("znp", i)) for i in range(nwaiters_nonproc)
+    ]
+    await async_poll_for(lambda: len(s.tasks) == len(waiters) + 2, timeout=5)
+    await c.amm.run_once()
+    await asyncio.sleep(0.2)  # no excess drops
+    await async_poll_for(lambda: len(s.tasks["x"].who_has) == nreplicas, timeout=5)
+    await ev.set()
+
+
+class KeepTwo(ActiveMemoryManagerPolicy):
+    def desired_replicas(self, ts):
+        return 2
+
+    def run(self):
+        return iter(())
+
+
+def test_honours_desired_replicas():
+    s = new_scheduler()
+    recorder = Recorder(s)
+    wss = [add_worker(s, f"tcp://w{i}:1") for i in range(5)]
+    add_task(s, "x", 10, wss)
+    from amm import ActiveMemoryManager
+
+    m = ActiveMemoryManager(s, [KeepTwo(), ReduceReplicas()], register=False, start=False)
+    m.run_once()
+    assert sum(len(keys) for _, _, keys in recorder.pop()) == 3
+    assert len(s.tasks["x"].who_has) == 2
+    m.run_once()
+    assert recorder.pop() == []
+
+
+def test_counts_pending_suggestions_of_other_policies():
+    """Two instances in one cycle do not drop the same surplus twice"""
+    s = new_scheduler()
+    recorder = Recorder(s)
+    wss = [add_worker(s, f"tcp://w{i}:1") for i in range(4)]
+    add_task(s, "x", 10, wss)
+    from amm import ActiveMemoryManager
+
+    m = ActiveMemoryManager(s, [ReduceReplicas(), ReduceReplicas()], register=False, start=False)
+    m.run_once()
+    assert m.stats.total.drops_requested == 3
+    assert m.stats.total.drop_rejected == 0
+    assert len(s.tasks["x"].who_has) == 1
+
+
+@gen_cluster(client=True, config=amm_config())
+async def test_client_api(c, s, a, b):
+    client = AMMClient(c)
+    assert await client.policies() == [
+        {"class": "amm.policies.reduce_replicas.ReduceReplicas", "repr": "ReduceReplicas()"}
+    ]
+    assert await client.remove_policy("ReduceReplicas") == 1
+    assert await client.policies() == []
+    assert await client.add_policy("amm.ReduceReplicas") == "ReduceReplicas()"
+    with pytest.raises(ValueError, match=r"policy\[0\].class='nope.Nope': cannot be imported"):
+        await client.add_policy("nope.Nope")
+    with pytest.raises(ValueError, match="Unknown AMM method 'explode'"):
+        await c.scheduler.amm_handler(method="explode")
+    assert not await client.running()
+    await client.run_once()
+    stats = await client.statistics()
+    assert stats["cycles"] == 1
+    assert stats["running"] is False
+    assert stats["measure"] == "optimistic"
