@@ -15,7 +15,10 @@ from amm.config import AMMConfigError
 from amm.manager import ActiveMemoryManager
 from amm.plugin import ActiveMemoryManagerPlugin, install
 from amm.policy import ActiveMemoryManagerPolicy
+from amm.policies import Rebalance
 from amm.policies import ReduceReplicas
+from amm.policies import ReplicateN
+from amm.policies import RetireWorker
 
 __all__ = [
     "AMMClient",
@@ -23,7 +26,10 @@ __all__ = [
     "ActiveMemoryManager",
     "ActiveMemoryManagerPlugin",
     "ActiveMemoryManagerPolicy",
+    "Rebalance",
     "ReduceReplicas",
+    "ReplicateN",
+    "RetireWorker",
     "Suggestion",
     "dask_setup",
     "install",

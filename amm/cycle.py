@@ -20,7 +20,8 @@ from __future__ import annotations
 import logging
 import reprlib
 from collections import defaultdict
-from collections.abc import Callable, Iterator, Set
+from collections.abc import Callable, Iterable, Iterator, Set
+from time import perf_counter
 from typing import Any
 
 from dask.typing import Key
@@ -35,6 +36,21 @@ from amm.stats import CycleStats
 
 #: (op, task, worker, bytes added to the worker's expected memory)
 JournalEntry = tuple[str, TaskState, WorkerState, int]
+
+
+class PolicyRun:
+    """A policy being driven through a cycle"""
+
+    __slots__ = ("policy", "suggestions", "choice", "journal", "accepted")
+
+    def __init__(self, policy: Any):
+        self.policy = policy
+        self.suggestions: Any = None
+        #: what to send into the generator next
+        self.choice: WorkerState | None = None
+        #: accepted and not yet sent, for withdrawal if the policy fails
+        self.journal: list[JournalEntry] = []
+        self.accepted = 0
 
 
 class InvalidSuggestion(ValueError):
@@ -59,7 +75,7 @@ class Cycle:
         self,
         scheduler: Scheduler,
         measure: str,
-        desired_replicas: Callable[[TaskState], int],
+        desired_replicas: Callable[[TaskState], int] | None,
     ):
         self.scheduler = scheduler
         self.desired_replicas = desired_replicas
@@ -70,71 +86,119 @@ class Cycle:
         self.order = WorkerMemoryOrder(self.memory)
         self.running = scheduler.running
         self.not_running = {ws for ws in self.memory if ws not in self.running}
+        #: per-suggestion logging is on; checked once, not per suggestion
+        self.log_tasks = task_logger.isEnabledFor(logging.DEBUG)
         self.stats = CycleStats()
         # Candidate sets already checked in this cycle, by id; the reference keeps
         # the id from being reused by another object while the cycle lasts.
         self._checked_candidates: dict[int, Set[WorkerState]] = {}
+        # Policies started in this cycle, and the one being driven if the cycle is
+        # suspended in the middle of it
+        self._started: set[Any] = set()
+        self._current: PolicyRun | None = None
+        # Accepted and not yet sent to the workers
+        self._unsent: list[JournalEntry] = []
+        #: seconds to send one accepted suggestion, measured by enact()
+        self.send_cost = 5e-6
+
+    def refresh(self) -> None:
+        """Called when a suspended cycle resumes: workers may have paused or left"""
+        self.not_running = {ws for ws in self.memory if ws not in self.running}
+        self.log_tasks = task_logger.isEnabledFor(logging.DEBUG)
 
     # -- running policies --------------------------------------------------------
 
-    def run_policy(self, policy: Any) -> None:
-        """Run one policy to exhaustion, feeding it the chosen workers.
+    def run(self, policies: Iterable[Any], deadline: float) -> bool:
+        """Run the policies until all are exhausted (return True) or ``deadline``
+        (a ``perf_counter`` time) passes at a point where the cycle may stop and
+        resume later (return False): between two policies, or between two
+        suggestions of a policy that declares ``resumable = True``.
 
-        Only the policy's own code is guarded: an error there withdraws the policy's
-        suggestions for this cycle. An error in the manager itself propagates.
+        ``policies`` is read afresh at every step, so a policy added while the
+        cycle is suspended runs in it, and one removed does not.
         """
+        while True:
+            if self._current is None:
+                policy = next((p for p in policies if p not in self._started), None)
+                if policy is None:
+                    return True
+                self._started.add(policy)
+                self._current = self._start(policy)
+                if self._current is None:
+                    continue
+            if not self._drive(self._current, deadline):
+                return False
+            self._current = None
+            if self._past(deadline) and any(p not in self._started for p in policies):
+                return False
+
+    def _past(self, deadline: float) -> bool:
+        """Whether deciding more would end the slice after ``deadline``, counting
+        the time to send what was decided so far
+        """
+        return perf_counter() + len(self._unsent) * self.send_cost > deadline
+
+    def _start(self, policy: Any) -> PolicyRun | None:
         logger.debug("Running policy: %s", policy)
-        journal: list[JournalEntry] = []
+        run = PolicyRun(policy)
         try:
             suggestions = policy.run()
         except Exception:
-            self._policy_failed(policy, journal, "raised")
-            return
+            self._policy_failed(run, "raised")
+            return None
         if suggestions is None:
-            return  # run() is a plain function that suggested nothing
-        send = getattr(suggestions, "send", None)
-        if send is None:
+            return None  # run() is a plain function that suggested nothing
+        if not hasattr(suggestions, "send"):
             try:
                 suggestions = iter(suggestions)
             except TypeError:
-                self._policy_failed(
-                    policy, journal, f"returned {reprlib.repr(suggestions)}", exc=False
-                )
-                return
-            send = lambda _: next(suggestions)  # noqa: E731
+                reason = f"returned {reprlib.repr(suggestions)}"
+                self._policy_failed(run, reason, exc=False)
+                return None
+        run.suggestions = suggestions
+        return run
 
-        choice: WorkerState | None = None
+    def _drive(self, run: PolicyRun, deadline: float) -> bool:
+        """Feed the policy its choices until it is exhausted (True) or, if it is
+        resumable, the deadline passes (False).
+
+        Only the policy's own code is guarded: an error there withdraws what the
+        policy suggested since the cycle last sent messages. An error in the manager
+        itself propagates.
+        """
+        suggestions = run.suggestions
+        send = getattr(suggestions, "send", None)
+        resumable = getattr(run.policy, "resumable", False) is True
+        n = 0
         while True:
+            if resumable and n % 64 == 63 and self._past(deadline):
+                return False
+            n += 1
             try:
-                raw = send(choice)
+                raw = send(run.choice) if send else next(suggestions)
             except StopIteration:
-                break
+                self.stats.count_policy(run.policy, run.accepted)
+                return True
             except Exception:
-                self._policy_failed(policy, journal, "raised")
-                return
+                self._policy_failed(run, "raised")
+                return True
             try:
                 suggestion = self.validate(raw)
             except InvalidSuggestion as e:
-                self._policy_failed(policy, journal, str(e), exc=False)
+                self._policy_failed(run, str(e), exc=False)
                 _close(suggestions)
-                return
-            choice = self.accept(suggestion, journal)
+                return True
+            run.choice = self.accept(suggestion, run.journal)
+            if run.choice is not None:
+                run.accepted += 1
 
-        self.stats.count_policy(policy, journal)
-
-    def _policy_failed(
-        self,
-        policy: Any,
-        journal: list[JournalEntry],
-        reason: str,
-        exc: bool = True,
-    ) -> None:
-        withdrawn = len(journal)
-        self.rollback(journal)
+    def _policy_failed(self, run: PolicyRun, reason: str, exc: bool = True) -> None:
+        withdrawn = len(run.journal)
+        self.rollback(run.journal)
         self.stats.policy_errors += 1
         logger.error(
             "Policy %r %s; its %d suggestions of this cycle are withdrawn",
-            policy,
+            run.policy,
             reason,
             withdrawn,
             exc_info=exc,
@@ -146,7 +210,7 @@ class Cycle:
         """Turn what a policy yielded into a Suggestion, or raise InvalidSuggestion
         naming what is wrong with it.
         """
-        if not isinstance(raw, Suggestion):
+        if type(raw) is not Suggestion:
             if not isinstance(raw, tuple) or not 2 <= len(raw) <= 3:
                 raise InvalidSuggestion(
                     "yielded "
@@ -163,7 +227,9 @@ class Cycle:
             raise InvalidSuggestion(
                 f"yielded {reprlib.repr(ts)} where a TaskState was expected"
             )
-        if self.scheduler.tasks.get(ts.key) is not ts:
+        if self.scheduler.tasks.get(ts.key) is not ts and ts.state != "forgotten":
+            # A forgotten key is a race the policy could not see coming (the key was
+            # released while the policy was suspended); find_* reject it quietly.
             raise InvalidSuggestion(f"yielded key {ts.key!r}, unknown to the scheduler")
         if candidates is not None:
             checked = self._check_candidates(candidates)
@@ -183,7 +249,11 @@ class Cycle:
             candidates = set(candidates)
         workers = self.scheduler.workers
         for ws in candidates:
-            if not isinstance(ws, WorkerState) or workers.get(ws.address) is not ws:
+            if not isinstance(ws, WorkerState) or (
+                workers.get(ws.address) is not ws and ws.status != Status.closed
+            ):
+                # A closed worker left the cluster: harmless, as it can never be
+                # chosen. Anything else is a policy bug.
                 raise InvalidSuggestion(
                     f"yielded candidate {reprlib.repr(ws)}, "
                     "which is not a worker of this scheduler"
@@ -201,28 +271,37 @@ class Cycle:
         entry = self.pending.get(ts)
         pending_repl, pending_drop = entry if entry else (_EMPTY, _EMPTY)
 
+        memory = self.memory
         if op == "replicate":
             ws = self.find_recipient(ts, candidates, pending_repl)
             if ws is None:
                 self.stats.replicate_rejected += 1
                 return None
             delta = ts.get_nbytes()
+            if not entry:
+                entry = self.pending[ts] = (set(), set())
+            entry[0].add(ws)
         else:
             ws = self.find_dropper(ts, candidates, pending_drop)
             if ws is None:
                 self.stats.drop_rejected += 1
                 return None
-            delta = -min(ts.get_nbytes(), self.memory[ws])
-
-        if not entry:
-            entry = self.pending[ts] = (set(), set())
-        entry[0 if op == "replicate" else 1].add(ws)
-        self.order.update(ws, self.memory[ws] + delta)
-        journal.append((op, ts, ws, delta))
+            delta = -min(ts.get_nbytes(), memory[ws])
+            if not entry:
+                entry = self.pending[ts] = (set(), set())
+            entry[1].add(ws)
+        self.order.update(ws, memory[ws] + delta)
+        record = (op, ts, ws, delta)
+        journal.append(record)
+        self._unsent.append(record)
         return ws
 
     def rollback(self, journal: list[JournalEntry]) -> None:
-        """Withdraw accepted suggestions, newest first"""
+        """Withdraw accepted suggestions, newest first. The journal only holds what
+        was not sent yet: :meth:`enact` clears it.
+        """
+        withdrawn = {id(entry) for entry in journal}
+        self._unsent = [e for e in self._unsent if id(e) not in withdrawn]
         for op, ts, ws, delta in reversed(journal):
             pending_repl, pending_drop = self.pending[ts]
             (pending_repl if op == "replicate" else pending_drop).discard(ws)
@@ -230,6 +309,14 @@ class Cycle:
                 del self.pending[ts]
             self.order.update(ws, self.memory[ws] - delta)
         journal.clear()
+
+    def _reject(
+        self, op: str, ts: TaskState, candidates: Any, reason: str, *args: Any
+    ) -> None:
+        if self.log_tasks:
+            task_logger.debug(
+                "(%s, %s, %s) rejected: " + reason, op, ts, candidates, *args
+            )
 
     def find_recipient(
         self,
@@ -241,30 +328,27 @@ class Cycle:
         that neither holds ``ts`` nor is already due to receive it.
         """
         if ts.state != "memory":
-            _reject("replicate", ts, candidates, f"ts.state = {ts.state}")
+            self._reject("replicate", ts, candidates, "ts.state = %s", ts.state)
             return None
         if ts.actor:
-            _reject("replicate", ts, candidates, "task is an actor")
+            self._reject("replicate", ts, candidates, "task is an actor")
             return None
         who_has = ts.who_has or _EMPTY
         running = self.running
-
-        def eligible(ws: WorkerState) -> bool:
-            return ws in running and ws not in who_has and ws not in pending_repl
-
-        choice = self.order.lowest(candidates, eligible)
+        choice = self.order.lowest(candidates, running, (who_has, pending_repl))
         if choice is None:
-            if task_logger.isEnabledFor(logging.DEBUG):
-                _reject(
+            if self.log_tasks:
+                self._reject(
                     "replicate",
                     ts,
                     candidates,
                     _why_no_recipient(candidates, running, who_has, pending_repl),
                 )
             return None
-        task_logger.debug(
-            "(replicate, %s, %s): replicating to %s", ts, candidates, choice
-        )
+        if self.log_tasks:
+            task_logger.debug(
+                "(replicate, %s, %s): replicating to %s", ts, candidates, choice
+            )
         return choice
 
     def find_dropper(
@@ -281,19 +365,22 @@ class Cycle:
             return None
         remaining = len(who_has) - len(pending_drop)
         if remaining < 2:
-            _reject("drop", ts, candidates, "less than 2 replicas exist")
+            self._reject("drop", ts, candidates, "less than 2 replicas exist")
             return None
-        desired = self.desired_replicas(ts)
-        if remaining <= desired:
-            _reject(
-                "drop",
-                ts,
-                candidates,
-                f"{remaining} replicas exist and {desired} are desired",
-            )
-            return None
+        if self.desired_replicas is not None:
+            desired = self.desired_replicas(ts)
+            if remaining <= desired:
+                self._reject(
+                    "drop",
+                    ts,
+                    candidates,
+                    "%d replicas exist and %d are desired",
+                    remaining,
+                    desired,
+                )
+                return None
         if ts.actor:
-            _reject("drop", ts, candidates, "task is an actor")
+            self._reject("drop", ts, candidates, "task is an actor")
             return None
 
         if candidates is None:
@@ -301,7 +388,7 @@ class Cycle:
         else:
             holders = candidates & who_has
             if not holders:
-                _reject(
+                self._reject(
                     "drop",
                     ts,
                     candidates,
@@ -314,23 +401,32 @@ class Cycle:
             {w.processing_on for w in ts.waiters} & holders if ts.waiters else _EMPTY
         )
 
-        def eligible(ws: WorkerState) -> bool:
-            return ws not in pending_drop and ws not in busy
-
-        running = self.running
-        choice = self._highest_not_running(holders, eligible)
+        exclude: tuple[Set[WorkerState], ...]
+        if pending_drop:
+            exclude = (pending_drop, busy) if busy else (pending_drop,)
+        else:
+            exclude = (busy,) if busy else ()
+        choice = None
+        if self.not_running:
+            # paused and retiring holders drop first, so their memory is freed
+            # before that of workers that can still compute; iterate the smaller
+            # of the two sets and look up the other
+            small, large = sorted((holders, self.not_running), key=len)
+            choice = self.order.highest(small, large, exclude)
+            if choice is None:
+                choice = self.order.highest(holders, self.running, exclude)
+        else:
+            # every worker of the snapshot is running; workers that joined since
+            # are not in the order and are skipped by it
+            choice = self.order.highest(holders, None, exclude)
         if choice is None:
-            choice = self.order.highest(
-                holders, lambda ws: ws in running and eligible(ws)
-            )
-        if choice is None:
-            if task_logger.isEnabledFor(logging.DEBUG):
+            if self.log_tasks:
                 reason = (
                     "already pending drop on all candidates"
                     if holders <= pending_drop
                     else "all candidates have dependent tasks queued or running on them"
                 )
-                _reject("drop", ts, candidates, reason)
+                self._reject("drop", ts, candidates, reason)
             return None
 
         # If the choice is the only running holder left that could drop, and the
@@ -344,10 +440,11 @@ class Cycle:
             and choice.status == Status.running
             and all(ws.status != Status.running for ws in busy)
             and not any(
-                ws is not choice and eligible(ws) for ws in holders
+                ws is not choice and ws not in pending_drop and ws not in busy
+                for ws in holders
             )
         ):
-            _reject(
+            self._reject(
                 "drop",
                 ts,
                 candidates,
@@ -355,62 +452,63 @@ class Cycle:
             )
             return None
 
-        task_logger.debug("(drop, %s, %s): dropping from %s", ts, candidates, choice)
+        if self.log_tasks:
+            task_logger.debug(
+                "(drop, %s, %s): dropping from %s", ts, candidates, choice
+            )
         return choice
-
-    def _highest_not_running(
-        self, holders: Set[WorkerState], eligible: Callable[[WorkerState], bool]
-    ) -> WorkerState | None:
-        """Paused and retiring holders drop first, so their memory is freed before
-        that of workers that can still compute. There are usually few of them, so
-        iterate whichever of the two sets is smaller.
-        """
-        not_running = self.not_running
-        if not not_running:
-            return None
-        if len(holders) < len(not_running):
-            pool = [ws for ws in holders if ws in not_running]
-        else:
-            pool = [ws for ws in not_running if ws in holders]
-        return max(
-            (ws for ws in pool if eligible(ws)), key=self.order.key, default=None
-        )
 
     # -- enacting ----------------------------------------------------------------
 
     def enact(self) -> None:
-        """Send the accepted suggestions to the workers, one message per worker and
-        kind. Fire and forget: a worker that cannot comply (e.g. it now needs the
-        key) says so, and the scheduler restores its replica.
+        """Send what was accepted since the last call to the workers, one message
+        per worker and kind. Fire and forget: a worker that cannot comply (e.g. it
+        now needs the key) says so, and the scheduler restores its replica.
+
+        Sent drops leave ``pending``, since the scheduler forgets the replica as it
+        sends the message and ``who_has`` already shows it; sent replications stay
+        until the cycle ends, since the copy only shows in ``who_has`` once made.
         """
-        if not self.pending:
+        unsent, self._unsent = self._unsent, []
+        if self._current is not None:
+            self._current.journal.clear()  # what was sent can't be withdrawn
+        if not unsent:
             return
-        logger.debug("Enacting suggestions for %d tasks:", len(self.pending))
+        start = perf_counter()
         validate = self.scheduler.validate
         repl_by_worker: defaultdict[WorkerState, list[Key]] = defaultdict(list)
         drop_by_worker: defaultdict[WorkerState, list[Key]] = defaultdict(list)
-        for ts, (pending_repl, pending_drop) in self.pending.items():
-            if not ts.who_has:
-                continue
-            if validate:
-                assert ts.who_has - pending_drop, ts
-                assert not pending_repl & ts.who_has, ts
-            for ws in pending_repl:
+        tasks = set()
+        for op, ts, ws, _ in unsent:
+            tasks.add(ts)
+            if op == "replicate":
+                if validate:
+                    assert ws not in (ts.who_has or ()), (ts, ws)
                 repl_by_worker[ws].append(ts.key)
-            for ws in pending_drop:
+            else:
+                if validate:
+                    assert ws in (ts.who_has or ()), (ts, ws)
+                    assert ts.who_has - self.pending[ts][1], ts  # type: ignore[operator]
                 drop_by_worker[ws].append(ts.key)
+        logger.debug("Enacting suggestions for %d tasks:", len(tasks))
 
         stimulus_id = f"active_memory_manager-{time()}"
         for ws, keys in repl_by_worker.items():
             logger.debug("- %s to acquire %d replicas", ws, len(keys))
-            self._send(
-                self.scheduler.request_acquire_replicas, ws, keys, stimulus_id
-            )
+            self._send(self.scheduler.request_acquire_replicas, ws, keys, stimulus_id)
             self.stats.replicas_requested += len(keys)
         for ws, keys in drop_by_worker.items():
             logger.debug("- %s to drop %d replicas", ws, len(keys))
             self._send(self.scheduler.request_remove_replicas, ws, keys, stimulus_id)
             self.stats.drops_requested += len(keys)
+
+        for op, ts, ws, _ in unsent:
+            if op == "drop":
+                pending_repl, pending_drop = self.pending[ts]
+                pending_drop.discard(ws)
+                if not pending_repl and not pending_drop:
+                    del self.pending[ts]
+        self.send_cost = (perf_counter() - start) / len(unsent)
 
     def _send(
         self,
@@ -428,12 +526,6 @@ class Cycle:
 
 
 _EMPTY: frozenset[Any] = frozenset()
-
-
-def _reject(
-    op: str, ts: TaskState, candidates: Set[WorkerState] | None, reason: str
-) -> None:
-    task_logger.debug("(%s, %s, %s) rejected: %s", op, ts, candidates, reason)
 
 
 def _why_no_recipient(

@@ -8,7 +8,9 @@ stop, periodic runs), the policies and the RPC handlers.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import asyncio
+from collections.abc import Callable, Iterable
+from time import perf_counter
 from typing import Any
 
 from tornado.ioloop import PeriodicCallback
@@ -16,6 +18,7 @@ from tornado.ioloop import PeriodicCallback
 from distributed.active_memory_manager import (
     ActiveMemoryManagerPolicy as _DistributedPolicy,
 )
+from distributed.core import Status
 from distributed.metrics import time
 from distributed.scheduler import Scheduler, TaskState, WorkerState
 
@@ -69,6 +72,11 @@ class ActiveMemoryManager:
         self.policies = PolicySet()
         self.stats = ManagerStats()
         self._cycle: Cycle | None = None
+        self._cycle_suspended = False
+        self._cycle_seconds = 0.0
+        self._cycle_slices = 0
+        #: Longest time one cycle holds the event loop before resuming later
+        self.time_slice = config.parse_interval(*config.setting("time-slice"))
 
         if policies is None:
             policies = config.build_policies(*config.setting("policies"))
@@ -150,10 +158,12 @@ class ActiveMemoryManager:
         policy asks for more through
         :meth:`ActiveMemoryManagerPolicy.desired_replicas`.
         """
-        if self._cycle is not None:
-            return self._cycle.desired_replicas(ts)
-        protectors = [p for p in self.policies if _protects_keys(p)]
-        return _desired_replicas_of(protectors)(ts)
+        desired = (
+            self._cycle.desired_replicas
+            if self._cycle is not None
+            else _desired_replicas_of([p for p in self.policies if _protects_keys(p)])
+        )
+        return 1 if desired is None else desired(ts)
 
     # -- the cycle ---------------------------------------------------------------
 
@@ -178,23 +188,71 @@ class ActiveMemoryManager:
     def run_once(self) -> None:
         """Run every policy once and send what was accepted to the workers. Returns
         as soon as the messages are queued; it does not wait for the transfers.
+
+        A cycle that takes longer than ``time_slice`` sends what it decided so far
+        and resumes on the next turn of the event loop, so the scheduler never
+        stalls on it; while it is suspended, further calls do nothing.
         """
         if self._cycle is not None:
+            if self._cycle_suspended:
+                logger.debug("Active Memory Manager cycle still in progress; skipped")
+                return
             raise RuntimeError("run_once() called from within a running AMM cycle")
-        ts_start = time()
         protectors = [p for p in self.policies if _protects_keys(p)]
-        cycle = self._cycle = Cycle(
+        self._cycle = Cycle(
             self.scheduler, self.measure, _desired_replicas_of(protectors)
         )
-        try:
-            for policy in list(self.policies):  # a policy may remove itself
-                cycle.run_policy(policy)
-            cycle.enact()
-        finally:
+        self._cycle_seconds = 0.0
+        self._cycle_slices = 0
+        self._run_slices()
+
+    def _run_slices(self) -> None:
+        """Run the current cycle one time slice at a time. With a running event
+        loop, each further slice is a separate callback; without one (a synthetic
+        scheduler in a benchmark) the slices run back to back.
+        """
+        while True:
+            cycle = self._cycle
+            assert cycle is not None
+            self._cycle_suspended = False
+            start = perf_counter()
+            try:
+                if self._cycle_slices:
+                    cycle.refresh()
+                done = cycle.run(self.policies, start + self.time_slice)
+                cycle.enact()
+            except BaseException:
+                self._cycle = None
+                raise
+            elapsed = perf_counter() - start
+            self._cycle_slices += 1
+            self._cycle_seconds += elapsed
+            self.stats.record_slice(elapsed)
+            if done:
+                self._cycle = None
+                self.stats.record(cycle.stats, self._cycle_seconds, self._cycle_slices)
+                logger.debug(
+                    "Active Memory Manager run in %.0fms", self._cycle_seconds * 1000
+                )
+                return
+            self._cycle_suspended = True
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                continue
+            loop.call_soon(self._resume)
+            return
+
+    def _resume(self) -> None:
+        if self._cycle is None:
+            return
+        if self.scheduler.status in (Status.closing, Status.closed):
             self._cycle = None
-        elapsed = time() - ts_start
-        self.stats.record(cycle.stats, elapsed)
-        logger.debug("Active Memory Manager run in %.0fms", elapsed * 1000)
+            return
+        try:
+            self._run_slices()
+        except Exception:
+            logger.exception("Active Memory Manager cycle failed")
 
     # -- RPC handlers ------------------------------------------------------------
 
@@ -259,12 +317,13 @@ def _protects_keys(policy: object) -> bool:
     )
 
 
-def _desired_replicas_of(protectors: list[Any]) -> Any:
-    """The desired-replicas function of a cycle. The policies that protect keys are
-    found once per cycle; with none (the common case) every key desires 1.
+def _desired_replicas_of(protectors: list[Any]) -> Callable[[TaskState], int] | None:
+    """The desired-replicas function of a cycle, or None if no policy protects keys
+    (the common case: every key desires 1, and the cycle skips the question). The
+    policies that protect keys are found once per cycle.
     """
     if not protectors:
-        return lambda ts: 1
+        return None
 
     def desired_replicas(ts: TaskState) -> int:
         return max(1, *(p.desired_replicas(ts) for p in protectors))

@@ -1,9 +1,11 @@
 """Workers ordered by expected memory, so that choosing where a replica goes (or
 which one goes away) costs ~O(log W) instead of a scan of the whole cluster.
 
-The order is rebuilt from a fresh memory snapshot at the start of every cycle and
-updated in place each time the cycle accepts a suggestion, so that later
-suggestions in the same cycle see the memory the earlier ones will cause.
+The order is built from a fresh memory snapshot at the start of every cycle and
+follows the cycle's accepted suggestions: :meth:`WorkerMemoryOrder.update` records
+a worker's new expected memory at once, and the sorted structure catches up the
+next time a search walks it. Suggestions that only ever scan a few candidates (the
+drops of ReduceReplicas, for instance) therefore never pay for re-sorting.
 
 Ties are broken by the worker's position in ``Scheduler.workers`` (sorted by
 address): among equally loaded workers the first one receives and the last one
@@ -13,14 +15,12 @@ runs never changes the result, only its cost.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Set
+from collections.abc import Iterator, Set
 from math import isqrt
 
 from sortedcontainers import SortedList
 
 from distributed.scheduler import WorkerState
-
-Accept = Callable[[WorkerState], bool]
 
 
 class WorkerMemoryOrder:
@@ -28,13 +28,21 @@ class WorkerMemoryOrder:
 
     ``memory`` is shared with the manager (it is the ``workers_memory`` that
     policies read), so it must only be changed through :meth:`update`.
+
+    Searches take the eligibility rule as sets rather than a callable, which keeps
+    the per-worker test to a few hash lookups: a worker is eligible if it is in
+    ``candidates`` (None: any worker), in ``require`` (None: no requirement) and in
+    none of ``exclude``.
     """
 
-    __slots__ = ("memory", "_rank", "_sorted")
+    __slots__ = ("memory", "_rank", "_sorted", "_stale", "_scan_limit")
 
     memory: dict[WorkerState, int]
     _rank: dict[WorkerState, int]
     _sorted: SortedList
+    #: workers whose entry in _sorted still carries this old memory value
+    _stale: dict[WorkerState, int]
+    _scan_limit: int
 
     def __init__(self, memory: dict[WorkerState, int]):
         self.memory = memory
@@ -43,61 +51,107 @@ class WorkerMemoryOrder:
         self._sorted = SortedList(
             (nbytes, self._rank[ws], ws) for ws, nbytes in memory.items()
         )
+        self._stale = {}
+        # Scanning C candidates costs C; walking the order from one end costs
+        # about W / C steps before meeting one, when candidates are spread over
+        # the order. The two meet at C = sqrt(W).
+        self._scan_limit = max(4, isqrt(len(memory)))
 
     def __len__(self) -> int:
         return len(self._sorted)
+
+    def __contains__(self, ws: object) -> bool:
+        return ws in self._rank
 
     def key(self, ws: WorkerState) -> tuple[int, int]:
         return self.memory[ws], self._rank[ws]
 
     def update(self, ws: WorkerState, nbytes: int) -> None:
-        """Set the expected memory of ``ws`` and move it to its new place"""
-        rank = self._rank[ws]
-        self._sorted.remove((self.memory[ws], rank, ws))
+        """Set the expected memory of ``ws``"""
+        if ws not in self._stale:
+            self._stale[ws] = self.memory[ws]
         self.memory[ws] = nbytes
-        self._sorted.add((nbytes, rank, ws))
+
+    def _catch_up(self) -> None:
+        if self._stale:
+            memory, rank, sorted_ = self.memory, self._rank, self._sorted
+            for ws, old in self._stale.items():
+                sorted_.remove((old, rank[ws], ws))
+                sorted_.add((memory[ws], rank[ws], ws))
+            self._stale.clear()
 
     def ascending(self) -> Iterator[WorkerState]:
+        self._catch_up()
         for _, _, ws in self._sorted:
             yield ws
 
     def descending(self) -> Iterator[WorkerState]:
+        self._catch_up()
         for _, _, ws in reversed(self._sorted):
             yield ws
 
     def lowest(
-        self, candidates: Set[WorkerState] | None, accept: Accept
+        self,
+        candidates: Set[WorkerState] | None,
+        require: Set[WorkerState] | None = None,
+        exclude: tuple[Set[WorkerState], ...] = (),
     ) -> WorkerState | None:
-        """The least loaded worker in ``candidates`` (all workers if None) that
-        passes ``accept``, or None.
-        """
-        if candidates is not None and self._should_scan(candidates):
-            eligible = [ws for ws in candidates if ws in self._rank and accept(ws)]
-            return min(eligible, key=self.key, default=None)
-        for ws in self.ascending():
-            if (candidates is None or ws in candidates) and accept(ws):
-                return ws
-        return None
+        """The least loaded eligible worker, or None"""
+        if candidates is not None and len(candidates) <= self._scan_limit:
+            return self._scan(candidates, require, exclude, False)
+        return self._walk(self.ascending(), candidates, require, exclude)
 
     def highest(
-        self, candidates: Set[WorkerState] | None, accept: Accept
+        self,
+        candidates: Set[WorkerState] | None,
+        require: Set[WorkerState] | None = None,
+        exclude: tuple[Set[WorkerState], ...] = (),
     ) -> WorkerState | None:
-        """The most loaded worker in ``candidates`` (all workers if None) that passes
-        ``accept``, or None.
-        """
-        if candidates is not None and self._should_scan(candidates):
-            eligible = [ws for ws in candidates if ws in self._rank and accept(ws)]
-            return max(eligible, key=self.key, default=None)
-        for ws in self.descending():
-            if (candidates is None or ws in candidates) and accept(ws):
+        """The most loaded eligible worker, or None"""
+        if candidates is not None and len(candidates) <= self._scan_limit:
+            return self._scan(candidates, require, exclude, True)
+        return self._walk(self.descending(), candidates, require, exclude)
+
+    @staticmethod
+    def _walk(
+        order: Iterator[WorkerState],
+        candidates: Set[WorkerState] | None,
+        require: Set[WorkerState] | None,
+        exclude: tuple[Set[WorkerState], ...],
+    ) -> WorkerState | None:
+        for ws in order:
+            if candidates is not None and ws not in candidates:
+                continue
+            if require is not None and ws not in require:
+                continue
+            for e in exclude:
+                if ws in e:
+                    break
+            else:
                 return ws
         return None
 
-    def _should_scan(self, candidates: Set[WorkerState]) -> bool:
-        """Pick the cheaper strategy for a candidate set of size C among W workers.
-
-        Scanning the candidates costs C. Walking the order from one end costs about
-        W / C steps before meeting a candidate, when candidates are spread across
-        the order. The two meet at C = sqrt(W).
-        """
-        return len(candidates) <= max(4, isqrt(len(self._sorted)))
+    def _scan(
+        self,
+        candidates: Set[WorkerState],
+        require: Set[WorkerState] | None,
+        exclude: tuple[Set[WorkerState], ...],
+        highest: bool,
+    ) -> WorkerState | None:
+        memory, rank = self.memory, self._rank
+        best = None
+        best_key = (0, 0)
+        for ws in candidates:
+            nbytes = memory.get(ws)
+            if nbytes is None:
+                continue  # joined after this cycle's snapshot
+            if require is not None and ws not in require:
+                continue
+            for e in exclude:
+                if ws in e:
+                    break
+            else:
+                key = (nbytes, rank[ws])
+                if best is None or (key > best_key if highest else key < best_key):
+                    best, best_key = ws, key
+        return best

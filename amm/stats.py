@@ -21,9 +21,9 @@ class CycleStats:
     #: accepted suggestions per policy, by repr
     by_policy: Counter[str] = field(default_factory=Counter)
 
-    def count_policy(self, policy: object, journal: list[Any]) -> None:
-        if journal:
-            self.by_policy[repr(policy)] += len(journal)
+    def count_policy(self, policy: object, accepted: int) -> None:
+        if accepted:
+            self.by_policy[repr(policy)] += accepted
 
     def add(self, other: CycleStats) -> None:
         self.replicas_requested += other.replicas_requested
@@ -39,13 +39,22 @@ class ManagerStats:
     """Lifetime totals of a manager"""
 
     cycles: int = 0
+    #: cycles that did not fit in one time slice and resumed later
+    cycles_sliced: int = 0
     total: CycleStats = field(default_factory=CycleStats)
+    #: time spent by the last cycle on the event loop, over all its slices
     last_cycle_seconds: float = 0.0
     max_cycle_seconds: float = 0.0
     total_cycle_seconds: float = 0.0
+    #: longest time the manager held the event loop in one go
+    max_slice_seconds: float = 0.0
 
-    def record(self, cycle: CycleStats, seconds: float) -> None:
+    def record_slice(self, seconds: float) -> None:
+        self.max_slice_seconds = max(self.max_slice_seconds, seconds)
+
+    def record(self, cycle: CycleStats, seconds: float, slices: int) -> None:
         self.cycles += 1
+        self.cycles_sliced += slices > 1
         self.total.add(cycle)
         self.last_cycle_seconds = seconds
         self.max_cycle_seconds = max(self.max_cycle_seconds, seconds)

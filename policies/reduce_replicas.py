@@ -24,6 +24,10 @@ class ReduceReplicas(ActiveMemoryManagerPolicy):
     processing dependent is using.
     """
 
+    #: The manager may suspend this policy between two suggestions and resume it on
+    #: a later event-loop turn: it iterates over a snapshot and re-reads each key.
+    resumable = True
+
     def run(self) -> SuggestionGenerator:
         manager = self.manager
         pending = manager.pending
@@ -31,7 +35,9 @@ class ReduceReplicas(ActiveMemoryManagerPolicy):
         nkeys = 0
         ndrop = 0
 
-        for ts in manager.scheduler.replicated_tasks:
+        for ts in list(manager.scheduler.replicated_tasks):
+            if not ts.who_has:
+                continue  # released while this policy was suspended
             waiters = ts.waiters
             nwaiters = len(waiters) if waiters else 0
             if 1 < nwaiters < MAX_WAITERS_INSPECTED:

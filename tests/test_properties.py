@@ -129,9 +129,10 @@ def test_invariants_hold_on_what_is_sent(state):
     memory=st.lists(st.integers(0, 50), min_size=1, max_size=60),
     candidates=st.one_of(st.none(), st.sets(st.integers(0, 59))),
     rejected=st.sets(st.integers(0, 59)),
+    required=st.one_of(st.none(), st.sets(st.integers(0, 59))),
     updates=st.lists(st.tuples(st.integers(0, 59), st.integers(0, 50)), max_size=10),
 )
-def test_order_matches_brute_force(memory, candidates, rejected, updates):
+def test_order_matches_brute_force(memory, candidates, rejected, required, updates):
     """Both search strategies (scan, walk) agree with a brute-force min/max over
     (memory, position), also after in-place updates.
     """
@@ -143,15 +144,16 @@ def test_order_matches_brute_force(memory, candidates, rejected, updates):
             order.update(workers[i], nbytes)  # type: ignore[arg-type]
     cands = None if candidates is None else {workers[i] for i in candidates if i < len(workers)}
     rej = {workers[i] for i in rejected if i < len(workers)}
-
-    def accept(ws):
-        return ws not in rej
-
-    pool = [ws for ws in workers if (cands is None or ws in cands) and accept(ws)]
+    req = None if required is None else {workers[i] for i in required if i < len(workers)}
+    pool = [
+        ws
+        for ws in workers
+        if (cands is None or ws in cands) and (req is None or ws in req) and ws not in rej
+    ]
 
     def key(ws):
         return (mem[ws], workers.index(ws))
 
-    assert order.lowest(cands, accept) is min(pool, key=key, default=None)  # type: ignore[arg-type]
-    assert order.highest(cands, accept) is max(pool, key=key, default=None)  # type: ignore[arg-type]
+    assert order.lowest(cands, req, (rej,)) is min(pool, key=key, default=None)  # type: ignore[arg-type]
+    assert order.highest(cands, req, (rej,)) is max(pool, key=key, default=None)  # type: ignore[arg-type]
     assert list(order.ascending()) == sorted(workers, key=key)

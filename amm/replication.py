@@ -1,0 +1,384 @@
+"""Replication that the manager keeps: scheduler handlers and the client API.
+
+The :class:`~amm.policies.ReplicateN` policy holds the targets; this module is how
+they are set:
+
+- :class:`ReplicationClient`, on the client: ``replicate(futures, n)``,
+  ``unreplicate(futures)`` and ``tracked()``. Non-blocking: it returns as soon as
+  the scheduler knows the target; the copies are made by the following cycles.
+- ``Client.replicate()`` and ``Client.scatter(..., broadcast=True)``, unchanged on
+  the client. While this manager is installed the scheduler serves them through
+  ReplicateN (``broadcast=True`` meaning ``n="all"``), so the copies are kept, made
+  again when lost, and no longer dropped by ReduceReplicas a cycle later
+  (dask/distributed#8796). As in distributed, they return once the copies exist.
+- The config ``amm.replicate.keys: {key name: n}``, read by the policy.
+
+:func:`install_replication` wires the scheduler side when the manager is
+installed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable
+from typing import Any
+
+from dask.base import is_dask_collection
+from dask.typing import Key
+from distributed import Client, Future, futures_of
+from distributed.core import Status
+from distributed.metrics import time
+from distributed.scheduler import Scheduler
+
+from amm import config
+from amm.logs import logger
+from amm.manager import ActiveMemoryManager
+from amm.policies.replicate_n import ALL, ReplicateN, parse_n, replicate_setting
+
+__all__ = ["Replication", "ReplicationClient", "install_replication"]
+
+#: Seconds between two checks of a caller waiting for its copies. Also the shortest
+#: time between two cycles that waiting callers trigger, whatever their number.
+POLL = 0.05
+
+
+def install_replication(scheduler: Scheduler, manager: ActiveMemoryManager) -> Replication:
+    """Register the scheduler handlers of replication: ``amm_replicate`` and
+    ``amm_replicated`` (see :class:`ReplicationClient`) and, unless
+    ``amm.replicate.serve-client-replicate`` is false, ``replicate`` and ``scatter``
+    (``Client.replicate``, ``Client.scatter``) along with the instance attributes
+    ``scheduler.replicate`` and ``scheduler.scatter``.
+
+    The :class:`ReplicateN` policy joins the manager's policies when it first has
+    something to do: now if ``amm.replicate.keys`` names keys, else at the first
+    replication request; so a cluster that never replicates runs no extra policy.
+    A ReplicateN listed in ``amm.policies`` is used instead of a new one.
+
+    Everything is built, and the config validated (raising ``AMMConfigError``),
+    before the scheduler is changed. Installing twice keeps the first installation.
+    """
+    current = getattr(scheduler.handlers.get("amm_replicated"), "__self__", None)
+    if isinstance(current, Replication) and current.manager is manager:
+        return current
+    serve = config.parse_start(*replicate_setting("serve-client-replicate"))
+    replication = Replication(scheduler, manager)  # validates amm.replicate.*
+    if replication.current() is None and replication.spare.configured:
+        replication.policy()
+
+    scheduler.handlers["amm_replicate"] = replication.replicate_keys
+    scheduler.handlers["amm_replicated"] = replication.tracked
+    if serve:
+        scheduler.handlers["replicate"] = replication.replicate
+        scheduler.handlers["scatter"] = replication.scatter
+        # Scheduler methods that call self.replicate / self.scatter go through us too
+        scheduler.replicate = replication.replicate  # type: ignore[method-assign]
+        scheduler.scatter = replication.scatter  # type: ignore[method-assign]
+    logger.debug(
+        "Replication installed%s",
+        "; serving Client.replicate and scatter(broadcast=True)" if serve else "",
+    )
+    return replication
+
+
+class Replication:
+    """The scheduler side: the RPC handlers, and the replacements of
+    ``Scheduler.replicate`` and ``Scheduler.scatter``.
+    """
+
+    scheduler: Scheduler
+    manager: ActiveMemoryManager
+
+    def __init__(self, scheduler: Scheduler, manager: ActiveMemoryManager):
+        self.scheduler = scheduler
+        self.manager = manager
+        # distributed's own scatter, bound to this scheduler; we only add to it
+        scatter = scheduler.handlers["scatter"]
+        owner = getattr(scatter, "__self__", None)
+        if isinstance(owner, Replication):  # installed before, for another manager
+            scatter = owner._scatter
+        self._scatter = scatter
+        #: The policy to add at the first request; built now to validate the config
+        self.spare = ReplicateN()
+
+    def current(self) -> ReplicateN | None:
+        """The manager's ReplicateN policy, if it has one"""
+        return next((p for p in self.manager.policies if isinstance(p, ReplicateN)), None)
+
+    def policy(self) -> ReplicateN:
+        """The manager's ReplicateN policy, added if there is none yet. A user who
+        removed it stops replication; the next request starts afresh, with the
+        configured keys only.
+        """
+        policy = self.current()
+        if policy is None:
+            policy, self.spare = self.spare, ReplicateN()
+            self.manager.add_policy(policy)
+            logger.info("Added policy %r", policy)
+        return policy
+
+    # -- handlers of ReplicationClient -------------------------------------------
+
+    def replicate_keys(
+        self, keys: Iterable[Key], n: Any, workers: Iterable[str] | None = None
+    ) -> None:
+        """Handler ``amm_replicate``: keep ``n`` replicas of ``keys`` (n=1: stop).
+        Returns at once; a cycle starts right away to make the first copies.
+        """
+        policy = self.policy()
+        addresses = self._resolve_workers(workers)
+        policy.set(keys, n, addresses)
+        if n != 1:
+            self.kick(force=True)
+
+    def tracked(self) -> list[dict[str, Any]]:
+        """Handler ``amm_replicated``: see :meth:`ReplicateN.tracked`"""
+        policy = self.current()
+        return policy.tracked() if policy is not None else []
+
+    # -- Client.replicate and Client.scatter(broadcast=True) -----------------------
+
+    async def replicate(
+        self,
+        keys: Iterable[Key],
+        n: int | str | None = None,
+        workers: Iterable[str] | None = None,
+        branching_factor: int = 2,
+        delete: bool = True,
+        stimulus_id: str | None = None,
+    ) -> dict[str, Any] | None:
+        """Replaces ``Scheduler.replicate``, with the same arguments and return
+        value: keep ``n`` replicas of ``keys`` (every worker if None) among
+        ``workers`` (any if None), and return once they exist.
+
+        Unlike distributed's, the copies are then kept. ``branching_factor`` is
+        accepted and unused: the manager bounds the transfers per recipient instead
+        (``amm.replicate.max-per-worker``). ``delete`` is accepted and unused too:
+        replicas above ``n`` are dropped by ReduceReplicas, when it is configured.
+        """
+        if (
+            not isinstance(branching_factor, int)
+            or isinstance(branching_factor, bool)
+            or branching_factor <= 0
+        ):
+            raise ValueError(
+                f"branching_factor={branching_factor!r}: must be an integer > 0"
+            )
+        n = parse_n("n", ALL if n is None else n, ValueError)
+        policy = self.policy()
+        keys = list(keys)
+        addresses = self._resolve_workers(workers)
+        # distributed raises when there is nowhere to replicate to
+        running = self.scheduler.running
+        if not any(
+            addresses is None or ws.address in addresses for ws in running
+        ):
+            raise ValueError(
+                "No running worker to replicate to"
+                + (f" among {sorted(addresses)}" if addresses is not None else "")
+            )
+        # As distributed: do nothing if some keys have no data (yet)
+        tasks = self.scheduler.tasks
+        missing = [k for k in keys if k in tasks and not tasks[k].who_has]
+        if missing:
+            return {"status": "partial-fail", "keys": missing}
+
+        policy.set(keys, n, addresses)  # validates everything before tracking
+        if n != 1:
+            await self.wait(keys)
+        return None
+
+    async def scatter(
+        self,
+        data: dict,
+        workers: Iterable[str] | None = None,
+        client: str | None = None,
+        broadcast: bool | int = False,
+        timeout: float = 2,
+    ) -> list[Key]:
+        """Replaces ``Scheduler.scatter``: distributed's scatter, then for
+        ``broadcast`` the replication of :meth:`replicate`: ``broadcast=True`` keeps
+        a replica on every worker in ``workers`` (any worker if None, including
+        those that join later), ``broadcast=<int>`` keeps that many.
+        """
+        keys = await self._scatter(
+            data=data, workers=workers, client=client, broadcast=False, timeout=timeout
+        )
+        if broadcast:
+            n = None if broadcast is True else broadcast
+            await self.replicate(keys=keys, n=n, workers=workers)
+        return keys
+
+    # -- waiting -------------------------------------------------------------------
+
+    def kick(self, force: bool = False) -> None:
+        """Run a cycle now, unless one ran less than :data:`POLL` seconds ago (or
+        ``force``). A cycle already in progress is not disturbed.
+        """
+        policy = self.current()
+        if not force and policy is not None and time() - policy.last_run < POLL:
+            return
+        try:
+            self.manager.run_once()
+        except RuntimeError:
+            # a cycle is in progress (suspended between two event-loop turns): our
+            # keys are handled by it or by the next one
+            pass
+
+    async def wait(self, keys: list[Key]) -> None:
+        """Return once each of ``keys`` has its replicas (or is no longer tracked:
+        released, set back to 1).
+
+        Cycles are triggered as needed rather than waiting for the next periodic one
+        (the manager may even be stopped): right away, then each time none of the
+        keys still missing a replica has a transfer in flight, i.e. when the
+        previous round of transfers is over or the per-recipient bound held some
+        keys back.
+        """
+        policy = self.policy()
+        manager = self.manager
+        remaining = keys
+        self.kick(force=True)
+        while True:
+            remaining = [k for k in remaining if not policy.reached(k)]
+            if not remaining:
+                return
+            if (
+                self.scheduler.status in (Status.closing, Status.closed)
+                or self.scheduler.extensions.get("amm") is not manager
+                or policy not in manager.policies
+            ):
+                # nobody is left to make the copies; don't hang the caller
+                logger.warning(
+                    "Stopped waiting for the replicas of %d keys: the manager or "
+                    "its ReplicateN policy is gone",
+                    len(remaining),
+                )
+                return
+            if not any(policy.in_flight(k) for k in remaining):
+                self.kick()
+            await asyncio.sleep(POLL)
+
+    # -- internals -----------------------------------------------------------------
+
+    def _resolve_workers(self, workers: Iterable[str] | None) -> frozenset[str] | None:
+        """Worker addresses from addresses, names or host names (as distributed's
+        ``workers=``); an unknown one raises ValueError naming it.
+        """
+        if workers is None:
+            return None
+        if isinstance(workers, str):
+            workers = [workers]
+        scheduler = self.scheduler
+        out: set[str] = set()
+        for w in workers:
+            if w in scheduler.aliases:  # a name, or an address
+                out.add(scheduler.aliases[w])
+                continue
+            try:
+                addr = scheduler.coerce_address(w, resolve=False)
+            except (TypeError, ValueError):
+                addr = None
+            if addr in scheduler.workers:
+                out.add(addr)
+                continue
+            # a host name: every worker on it, as Scheduler.workers_list does
+            hosts = [a for a in scheduler.workers if isinstance(w, str) and w in a]
+            if not hosts:
+                raise ValueError(f"workers: {w!r} is not a worker of this cluster")
+            out.update(hosts)
+        return frozenset(out)
+
+
+class ReplicationClient:
+    """Keep data replicated, from a client:
+
+    .. code-block:: python
+
+        from amm.replication import ReplicationClient
+
+        rep = ReplicationClient(client)
+        rep.replicate(futures, 3)        # keep 3 replicas of each
+        rep.replicate(lookup, "all")     # one on every worker, including new ones
+        rep.replicate(x, 2, workers=[a, b])
+        rep.tracked()                    # [{"key": ..., "n": 3, "replicas": 2, ...}]
+        rep.unreplicate(futures)         # back to 1; ReduceReplicas drops the rest
+
+    ``futures`` is a future, a persisted dask collection, a key (a str or a tuple),
+    or a list or set of those. Keys need not be in memory yet: they are replicated
+    once they are. A key the scheduler doesn't know, or ``n`` other than an integer
+    >= 1 or ``"all"``, raises ValueError and changes nothing.
+
+    Non-blocking: :meth:`replicate` returns once the scheduler knows the target; a
+    cycle starts right away and the following ones (every ``amm.interval``) make
+    the rest of the copies, a bounded number per worker at a time. To block until
+    the copies exist, use ``client.replicate(futures, n)``, which this manager
+    serves the same way.
+
+    Like ``client.amm``, every method is synchronous on a synchronous client and
+    returns an awaitable on an asynchronous one.
+    """
+
+    def __init__(self, client: Client):
+        self._client = client
+
+    def replicate(
+        self, futures: Any, n: int | str, *, workers: Iterable[str] | None = None
+    ) -> Any:
+        """Keep ``n`` replicas of each key (``"all"``: one on every running worker),
+        on ``workers`` only if given (addresses, names or host names).
+        """
+        return self._client.sync(
+            self._client.scheduler.amm_replicate,
+            keys=keys_of(futures),
+            n=n,
+            workers=None if workers is None else list(workers),
+        )
+
+    def unreplicate(self, futures: Any) -> Any:
+        """Stop keeping replicas of these keys: they go back to n=1"""
+        return self._client.sync(
+            self._client.scheduler.amm_replicate, keys=keys_of(futures), n=1
+        )
+
+    def tracked(self) -> Any:
+        """One dict per tracked key: ``key``, ``n``, ``workers`` (None: any),
+        ``replicas`` (how many it has now), ``state`` and ``source``
+        (``"api"`` or ``"config"``)
+        """
+        return self._client.sync(self._tracked)
+
+    async def _tracked(self) -> list[dict[str, Any]]:
+        # the wire turns lists into tuples
+        out = []
+        for entry in await self._client.scheduler.amm_replicated():
+            entry = dict(entry)
+            if entry["workers"] is not None:
+                entry["workers"] = list(entry["workers"])
+            out.append(entry)
+        return out
+
+
+def keys_of(futures: Any) -> list[Key]:
+    """The keys of a future, a persisted collection, a key, or a list or set of
+    those. A tuple is a key (dask's convention), not a list of keys.
+    """
+    if isinstance(futures, Future):
+        return [futures.key]
+    if is_dask_collection(futures):
+        found = futures_of(futures)
+        if not found:
+            raise ValueError(
+                f"{type(futures).__name__} has no futures: persist it first"
+            )
+        return [f.key for f in found]
+    if isinstance(futures, (str, bytes, int, float, tuple)):
+        return [futures]
+    if isinstance(futures, dict):
+        futures = futures.values()  # as returned by client.scatter({...})
+    try:
+        items = iter(futures)
+    except TypeError:
+        raise TypeError(
+            f"Expected futures, keys or a persisted collection; got {futures!r}"
+        ) from None
+    return [key for item in items for key in keys_of(item)]

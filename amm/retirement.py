@@ -1,0 +1,387 @@
+"""Retiring workers on this project's :class:`~amm.policies.RetireWorker`, with a
+timeout.
+
+distributed's ``Scheduler.retire_workers`` hard-codes its own ``RetireWorker`` and
+waits for it with no time limit (dask/distributed#6252: a recipient that never
+completes a transfer makes the call hang forever). :func:`install_retirement`
+replaces it on one scheduler, both as the ``retire_workers`` RPC handler (which
+serves ``client.retire_workers()``, adaptive scale-down, ``SpecCluster`` scale-down
+and ``Worker.close_gracefully``) and as the instance attribute
+``scheduler.retire_workers`` (which serves in-process callers such as the HTTP
+API). The signature, the return value, the events logged and the locking are the
+same as distributed's; only the policy and the time limit differ.
+
+What the time limit does is configured in the ``amm.retire`` section:
+
+- ``timeout`` (60s): how long a worker's unique data may take to move away;
+- ``on-timeout`` (``abort``): ``abort`` puts the worker back in the status it had
+  and leaves its data where it is (it is not in the returned dict, like a worker
+  whose data had no recipient); ``close`` retires it anyway, as if its data had
+  moved, and logs at WARNING the keys that only it held and that are lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import reprlib
+from collections.abc import Callable
+from typing import Any, Literal
+
+from tornado.ioloop import PeriodicCallback
+
+from distributed.core import Status
+from distributed.metrics import time
+from distributed.scheduler import Scheduler, WorkerState
+from distributed.utils import log_errors
+
+from amm.logs import logger
+from amm.policies.retire_worker import (
+    RetireWorker,
+    parse_on_timeout,
+    parse_timeout,
+    retire_setting,
+)
+
+#: Outcome of the retirement of one worker
+Outcome = Literal["OK", "no-recipients", "timed-out"]
+
+#: Name of the paused-restart check in ``Scheduler.periodic_callbacks``
+PAUSED_RESTART_CALLBACK = "amm-paused-restart"
+
+
+class Retirements:
+    """Serves ``retire_workers`` for one scheduler.
+
+    ``manager`` is the manager installed with it; retirements use whatever manager
+    is ``scheduler.extensions["amm"]`` at the time of the call, and only fall back
+    to ``manager`` for its interval when they need a temporary one.
+    """
+
+    scheduler: Scheduler
+    #: The scheduler's own method, kept to restore it
+    original: Callable[..., Any]
+
+    def __init__(self, scheduler: Scheduler, manager: Any):
+        self.scheduler = scheduler
+        self.manager = manager
+        self.original = scheduler.retire_workers
+
+    def __repr__(self) -> str:
+        return f"<Retirements for {self.scheduler.address}>"
+
+    @log_errors
+    async def retire_workers(
+        self,
+        workers: list[str] | None = None,
+        *,
+        names: list | None = None,
+        close_workers: bool = False,
+        remove: bool = True,
+        stimulus_id: str | None = None,
+        **kwargs: Any,
+    ) -> dict[str, Any]:
+        """Gracefully retire workers: move the keys held only by them elsewhere,
+        then remove them (``remove=True``) and/or close them (``close_workers=True``).
+
+        Same parameters and return value as
+        :meth:`distributed.Scheduler.retire_workers`: ``workers`` (addresses) or
+        ``names``, or else keyword arguments for
+        :meth:`~distributed.Scheduler.workers_to_close`. Returns
+        ``{address: worker identity}`` of the workers retired. Workers whose unique
+        data could not be moved (no recipient, an actor, or the timeout with
+        ``amm.retire.on-timeout: abort``) go back to their previous status, keep
+        their data, and are not in the result.
+        """
+        if names is not None and workers is not None:
+            raise TypeError("names and workers are mutually exclusive")
+        if (names is not None or workers is not None) and kwargs:
+            raise TypeError(
+                "Parameters for workers_to_close() are mutually exclusive with "
+                f"names and workers: {kwargs}"
+            )
+        return await self.retire(
+            workers,
+            names=names,
+            close_workers=close_workers,
+            remove=remove,
+            stimulus_id=stimulus_id,
+            workers_to_close=kwargs,
+        )
+
+    async def retire(
+        self,
+        workers: list[str] | None = None,
+        *,
+        names: list | None = None,
+        close_workers: bool = False,
+        remove: bool = True,
+        stimulus_id: str | None = None,
+        workers_to_close: dict[str, Any] | None = None,
+        on_timeout: str | None = None,
+    ) -> dict[str, Any]:
+        """:meth:`retire_workers`, plus ``on_timeout`` overriding the config (used
+        by the paused-worker restart, which must never lose data).
+        """
+        s = self.scheduler
+        stimulus_id = stimulus_id or f"retire-workers-{time()}"
+        # Mutually exclusive with the scheduler's rebalance() and replicate(), which
+        # take the same lock; several retirements may run at once.
+        async with s._replica_lock("retire-workers"):
+            if names is not None:
+                logger.info("Retire worker names %s", names)
+                # Names passed through a CLI become strings
+                names_set = {str(name) for name in names}
+                wss = {ws for ws in s.workers.values() if str(ws.name) in names_set}
+            elif workers is not None:
+                logger.info(
+                    "Retire worker addresses (stimulus_id='%s') %s",
+                    stimulus_id,
+                    workers,
+                )
+                wss = {s.workers[addr] for addr in workers if addr in s.workers}
+            else:
+                wss = {
+                    s.workers[addr]
+                    for addr in s.workers_to_close(**(workers_to_close or {}))
+                }
+            if not wss:
+                return {}
+
+            amm, temporary = self._manager()
+            try:
+                coros = []
+                for ws in wss:
+                    policy = RetireWorker(ws.address, on_timeout=on_timeout)
+                    amm.add_policy(policy)
+                    # Stop new tasks from landing on the worker: set the status here
+                    # at once, to avoid races, and tell the worker.
+                    prev_status = ws.status
+                    s.handle_worker_status_change(
+                        Status.closing_gracefully, ws, stimulus_id
+                    )
+                    _send_status(s, ws, stimulus_id)
+                    coros.append(
+                        self._track(
+                            ws,
+                            policy,
+                            prev_status=prev_status,
+                            close=close_workers,
+                            remove=remove,
+                            stimulus_id=stimulus_id,
+                        )
+                    )
+                # Don't wait for the next periodic cycle
+                _kick(amm)
+                ok: dict[str, Any] = {}
+                aborted: dict[str, Any] = {}
+                timed_out: list[str] = []
+                for addr, outcome, info, late in await asyncio.gather(*coros):
+                    if outcome == "OK":
+                        ok[addr] = info
+                    else:
+                        aborted[addr] = info
+                    if late:
+                        timed_out.append(addr)
+            finally:
+                if temporary:
+                    amm.stop()
+
+        s.log_event(
+            "all",
+            {
+                "action": "retire-workers",
+                "retired": list(ok),
+                "could-not-retire": list(aborted),
+                # This project's addition: the workers whose retirement ran out of
+                # time (aborted, or retired anyway with amm.retire.on-timeout: close)
+                "timed-out": timed_out,
+                "stimulus_id": stimulus_id,
+            },
+        )
+        s.log_event(list(ok), {"action": "retired", "stimulus_id": stimulus_id})
+        s.log_event(
+            list(aborted), {"action": "could-not-retire", "stimulus_id": stimulus_id}
+        )
+        return ok
+
+    def _manager(self) -> tuple[Any, bool]:
+        """The manager to run the policies on, and whether it is a temporary one.
+
+        If the installed manager is stopped, a temporary one runs only the
+        retirement policies, as distributed does: the user who stopped the AMM did
+        not ask for ReduceReplicas and friends to run.
+        """
+        amm = self.scheduler.extensions.get("amm")
+        if amm is not None and amm.running:
+            return amm, False
+        from amm.manager import ActiveMemoryManager
+
+        interval = getattr(amm or self.manager, "interval", None) or 2.0
+        temporary = ActiveMemoryManager(
+            self.scheduler, policies=[], register=False, start=True, interval=interval
+        )
+        return temporary, True
+
+    async def _track(
+        self,
+        ws: WorkerState,
+        policy: RetireWorker,
+        prev_status: Status,
+        close: bool,
+        remove: bool,
+        stimulus_id: str,
+    ) -> tuple[str, Outcome, dict[str, Any], bool]:
+        """Wait until the worker's unique data has moved, or the policy gives up, or
+        the timeout expires; then finish or abort the retirement.
+
+        Returns the address, the outcome, the worker's identity, and whether the
+        timeout expired (with ``on-timeout: close`` the outcome is then "OK").
+        """
+        s = self.scheduler
+        deadline = time() + policy.timeout
+        timed_out = False
+        while not policy.done():
+            remaining = deadline - time()
+            if remaining <= 0:
+                timed_out = True
+                break
+            # As distributed: 0.01s with up to 4 keys, 0.5s from 200 keys on
+            poll = max(0.01, min(0.5, len(ws.has_what) / 400))
+            await asyncio.sleep(min(poll, remaining))
+
+        if timed_out:
+            # Stop moving data first, so that nothing changes under what follows
+            policy.manager.policies.discard(policy)
+
+        if policy.no_recipients or (timed_out and policy.on_timeout == "abort"):
+            # Put the worker back as it was. No race to guard against here: wait for
+            # the scheduler -> worker -> scheduler round trip.
+            _send_status(s, ws, stimulus_id, prev_status)
+            if timed_out:
+                logger.warning(
+                    "Could not retire worker %r: its unique data (%d keys) could not "
+                    "be moved to other workers within %ss (amm.retire.timeout); it "
+                    "keeps it and goes back to %s (stimulus_id=%r)",
+                    ws.address,
+                    len(policy.unique_keys()),
+                    policy.timeout,
+                    prev_status.name,
+                    stimulus_id,
+                )
+                return ws.address, "timed-out", ws.identity(), True
+            logger.warning(
+                f"Could not retire worker {ws.address!r}: unique data could not be "
+                f"moved to any other worker ({stimulus_id=!r})"
+            )
+            return ws.address, "no-recipients", ws.identity(), False
+
+        info = ws.identity()
+        if timed_out:
+            lost = policy.unique_keys()
+            logger.warning(
+                "Retirement of worker %r timed out after %ss (amm.retire.timeout); "
+                "retiring it anyway (amm.retire.on-timeout: close). %d keys held only "
+                "by it are lost: %s (stimulus_id=%r)",
+                ws.address,
+                policy.timeout,
+                len(lost),
+                reprlib.repr(lost),
+                stimulus_id,
+            )
+        else:
+            logger.debug(
+                f"All unique keys on worker {ws.address!r} have been replicated "
+                "elsewhere"
+            )
+
+        if remove:
+            await s.remove_worker(
+                ws.address, expected=True, close=close, stimulus_id=stimulus_id
+            )
+            # Nothing left to do for it; don't wait for its next run to notice
+            policy.manager.policies.discard(policy)
+        elif close:
+            s.close_worker(ws.address)
+        logger.info(f"Retired worker {ws.address!r} ({stimulus_id=!r})")
+        return ws.address, "OK", info, timed_out
+
+
+def _send_status(
+    s: Scheduler, ws: WorkerState, stimulus_id: str, status: Status | None = None
+) -> None:
+    """Tell the worker its status (by default, the scheduler's view of it). A worker
+    whose stream is gone is leaving the cluster anyway.
+    """
+    comm = s.stream_comms.get(ws.address)
+    if comm is None or comm.closed():
+        return
+    comm.send(
+        {
+            "op": "worker-status-change",
+            "status": (status or ws.status).name,
+            "stimulus_id": stimulus_id,
+        }
+    )
+
+
+def _kick(amm: Any) -> None:
+    """Run a cycle now, in addition to the periodic ones"""
+    try:
+        amm.run_once()
+    except RuntimeError:
+        # Only possible with a manager that can't start a cycle while one is in
+        # progress: the next cycle picks the new policies up.
+        logger.debug("AMM cycle in progress; retirement starts at the next one")
+
+
+def validate_config() -> None:
+    """Raise :class:`~amm.AMMConfigError` on an invalid ``amm.retire`` or
+    ``amm.paused-restart`` setting, so that a bad deployment fails at install time
+    rather than at the first retirement.
+    """
+    from amm.paused_restart import paused_restart_settings
+
+    parse_timeout(*retire_setting("timeout"))
+    parse_on_timeout(*retire_setting("on-timeout"))
+    paused_restart_settings()
+
+
+def install_retirement(scheduler: Scheduler, manager: Any) -> Retirements:
+    """Make ``scheduler.retire_workers`` (method and RPC handler) run on this
+    project's RetireWorker with a timeout, and start the paused-worker restart if
+    ``amm.paused-restart.enabled``. Installing twice keeps the first installation.
+
+    Raises :class:`~amm.AMMConfigError` on invalid settings, before changing
+    anything.
+    """
+    current = getattr(scheduler.retire_workers, "__self__", None)
+    if isinstance(current, Retirements):
+        return current
+    validate_config()
+
+    retirements = Retirements(scheduler, manager)
+    scheduler.handlers["retire_workers"] = retirements.retire_workers
+    scheduler.retire_workers = retirements.retire_workers  # type: ignore[method-assign]
+
+    from amm.paused_restart import PausedWorkerRestarter, paused_restart_settings
+
+    enabled, after = paused_restart_settings()
+    if enabled:
+        restarter = PausedWorkerRestarter(retirements, after)
+        pc = PeriodicCallback(restarter.check, restarter.check_interval * 1000.0)
+        scheduler.periodic_callbacks[PAUSED_RESTART_CALLBACK] = pc
+        pc.start()
+        logger.info("Paused workers will be restarted after %ss", after)
+    return retirements
+
+
+def uninstall_retirement(scheduler: Scheduler) -> None:
+    """Undo :func:`install_retirement`. Retirements in progress finish."""
+    current = getattr(scheduler.retire_workers, "__self__", None)
+    if not isinstance(current, Retirements):
+        return
+    scheduler.handlers["retire_workers"] = current.original
+    del scheduler.retire_workers  # the class attribute, i.e. the method, shows again
+    pc = scheduler.periodic_callbacks.pop(PAUSED_RESTART_CALLBACK, None)
+    if pc is not None:
+        pc.stop()

@@ -1,0 +1,540 @@
+"""Cost of AMM cycles at scale: this project vs distributed's built-in manager.
+
+Each scenario builds a synthetic scheduler state (a real, unstarted Scheduler with
+real WorkerState / TaskState objects, see amm.testing) and runs, on an identical
+fresh copy for each side:
+
+- one cycle, timed;
+- cycles to convergence, applying what each cycle sent as if every transfer
+  succeeded: number of cycles, the longest time the event loop was held in one go
+  (for this project, the longest time slice), total time;
+- peak Python memory of one cycle (tracemalloc, in a separate run so that tracing
+  does not distort the timings).
+
+Usage::
+
+    python benchmarks/scale.py            # W in {10, 100, 1000}, K in {10k, 100k, 1M}
+    python benchmarks/scale.py --quick    # W in {10, 100}, K = 10k
+    python benchmarks/scale.py --workers 1000 --keys 100000 --scenario retire_one
+
+Results go to benchmarks/results/scale.{json,md} and scale_vs_*.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import logging
+import math
+import os
+import random
+import sys
+import time
+import tracemalloc
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from distributed.active_memory_manager import ActiveMemoryManagerExtension
+from distributed.active_memory_manager import ActiveMemoryManagerPolicy as DistPolicy
+from distributed.active_memory_manager import ReduceReplicas as DistReduceReplicas
+from distributed.active_memory_manager import RetireWorker as DistRetireWorker
+from distributed.active_memory_manager import Suggestion
+from distributed.core import Status
+
+import amm
+from amm.testing import Recorder, add_task, add_worker, apply_cycle, new_scheduler, set_status
+
+RESULTS = os.path.join(os.path.dirname(__file__), "results")
+#: Give up converging after this many cycles
+MAX_CYCLES = 200
+#: Skip the convergence run of a side whose single cycle took longer than this
+MAX_CONVERGE_CYCLE_SECONDS = 30.0
+
+
+# -- states --------------------------------------------------------------------
+
+
+@dataclass
+class State:
+    scheduler: Any
+    recorder: Recorder
+    workers: list[Any]
+    keys: list[Any]
+
+
+def build(nworkers: int, nkeys: int, layout: str, seed: int = 0) -> State:
+    """Keys of 1-8 MiB spread over workers per ``layout``:
+
+    - ``one``: each key on one random worker
+    - ``two``: each key on two random workers (one superfluous replica)
+    - ``skewed``: 10% of the workers hold half of the data
+    """
+    rng = random.Random(seed)
+    s = new_scheduler()
+    recorder = Recorder(s)
+    wss = [
+        add_worker(s, f"tcp://10.0.{i // 250}.{i % 250}:1", memory_limit=2**40)
+        for i in range(nworkers)
+    ]
+    hot = wss[: max(1, nworkers // 10)]
+    tss = []
+    for i in range(nkeys):
+        nbytes = rng.randint(1, 8) * 2**20
+        if layout == "one":
+            holders = [rng.choice(wss)]
+        elif layout == "two":
+            holders = rng.sample(wss, 2) if nworkers > 1 else wss
+        elif layout == "skewed":
+            holders = [rng.choice(hot) if i % 2 == 0 else rng.choice(wss)]
+        else:
+            raise ValueError(layout)
+        tss.append(add_task(s, f"k-{i}", nbytes, holders))
+    return State(s, recorder, wss, tss)
+
+
+# -- scenarios -----------------------------------------------------------------
+
+
+class DocsReplicate(DistPolicy):
+    """A replicate-N policy written the documented way for distributed's manager:
+    one replicate suggestion per missing replica, the manager picks the worker.
+    """
+
+    def __init__(self, keys: list[Any], n: int | str):
+        self.keys = keys
+        self.n = n
+
+    def run(self):
+        nrunning = len(self.manager.scheduler.running)
+        for ts in self.keys:
+            want = nrunning if self.n == "all" else self.n
+            entry = self.manager.pending.get(ts)
+            npending = len(entry[0]) if entry else 0
+            for _ in range(want - len(ts.who_has) - npending):
+                yield Suggestion("replicate", ts)
+
+
+@dataclass
+class Scenario:
+    name: str
+    layout: str
+    #: keys used instead of K, if set (replicate to all)
+    nkeys: int | None
+    prepare: Callable[[State], None]
+    ours: Callable[[State], list[Any]] | None
+    theirs: Callable[[State], list[Any]]
+    done: Callable[[State, list[Any]], bool]
+    #: what the result is measured by, besides time
+    quality: Callable[[State], dict[str, float]] = lambda state: {}
+
+
+def _retiring(fraction: float | None) -> Callable[[State], list[Any]]:
+    def pick(state: State) -> list[Any]:
+        n = 1 if fraction is None else max(1, int(len(state.workers) * fraction))
+        return state.workers[-n:]
+
+    return pick
+
+
+def _prepare_retire(fraction: float | None) -> Callable[[State], None]:
+    def prepare(state: State) -> None:
+        for ws in _retiring(fraction)(state):
+            set_status(state.scheduler, ws, Status.closing_gracefully)
+
+    return prepare
+
+
+def _retire_policies(cls: type, fraction: float | None) -> Callable[[State], list[Any]]:
+    return lambda state: [cls(ws.address) for ws in _retiring(fraction)(state)]
+
+
+def _our_retire_worker() -> type:
+    return getattr(amm, "RetireWorker", DistRetireWorker)
+
+
+def _our_replicate(n: int | str) -> Callable[[State], list[Any]] | None:
+    cls = getattr(amm, "ReplicateN", None)
+    if cls is None:
+        return None
+
+    def make(state: State) -> list[Any]:
+        policy = cls()
+        for ts in state.keys:
+            policy.track(ts.key, n)
+        return [policy]
+
+    return make
+
+
+def _replicated(n: int | str) -> Callable[[State, list[Any]], bool]:
+    def done(state: State, policies: list[Any]) -> bool:
+        want = len(state.scheduler.running) if n == "all" else n
+        return all(len(ts.who_has) >= want for ts in state.keys)
+
+    return done
+
+
+def _max_over_mean(state: State) -> dict[str, float]:
+    mem = [ws.nbytes for ws in state.workers]
+    mean = sum(mem) / len(mem)
+    return {"max_over_mean": max(mem) / mean if mean else 1.0}
+
+
+def _our_rebalance() -> Callable[[State], list[Any]] | None:
+    cls = getattr(amm, "Rebalance", None)
+    return None if cls is None else (lambda state: [cls()])
+
+
+SCENARIOS: dict[str, Scenario] = {
+    s.name: s
+    for s in [
+        Scenario(
+            "reduce_replicas",
+            "two",
+            None,
+            lambda state: None,
+            lambda state: [amm.ReduceReplicas()],
+            lambda state: [DistReduceReplicas()],
+            lambda state, policies: not state.scheduler.replicated_tasks,
+        ),
+        Scenario(
+            "retire_one",
+            "one",
+            None,
+            _prepare_retire(None),
+            lambda state: _retire_policies(_our_retire_worker(), None)(state),
+            _retire_policies(DistRetireWorker, None),
+            lambda state, policies: all(p.done() for p in policies),
+        ),
+        Scenario(
+            "retire_10pct",
+            "one",
+            None,
+            _prepare_retire(0.1),
+            lambda state: _retire_policies(_our_retire_worker(), 0.1)(state),
+            _retire_policies(DistRetireWorker, 0.1),
+            lambda state, policies: all(p.done() for p in policies),
+        ),
+        Scenario(
+            "replicate_3",
+            "one",
+            None,
+            lambda state: None,
+            _our_replicate(3),
+            lambda state: [DocsReplicate(state.keys, 3)],
+            _replicated(3),
+        ),
+        Scenario(
+            "replicate_all_1000",
+            "one",
+            1000,
+            lambda state: None,
+            _our_replicate("all"),
+            lambda state: [DocsReplicate(state.keys, "all")],
+            _replicated("all"),
+        ),
+        Scenario(
+            "rebalance_skewed",
+            "skewed",
+            None,
+            lambda state: None,
+            _our_rebalance(),
+            lambda state: [],  # distributed's rebalance() planner, see run_theirs
+            lambda state, policies: False,
+            _max_over_mean,
+        ),
+    ]
+}
+
+
+# -- running -------------------------------------------------------------------
+
+
+@dataclass
+class Run:
+    scenario: str
+    side: str
+    workers: int
+    keys: int
+    one_cycle_seconds: float = math.nan
+    cycles: int = 0
+    converged: bool = False
+    longest_slice_seconds: float = math.nan
+    total_seconds: float = math.nan
+    peak_memory_mib: float = math.nan
+    suggestions_first_cycle: int = 0
+    quality: dict[str, float] = field(default_factory=dict)
+    note: str = ""
+
+
+def make_manager(side: str, state: State, policies: list[Any]) -> Any:
+    if side == "ours":
+        return amm.ActiveMemoryManager(
+            state.scheduler, policies, register=False, start=False, measure="managed"
+        )
+    return ActiveMemoryManagerExtension(
+        state.scheduler, set(policies), register=False, start=False, measure="managed"
+    )
+
+
+def timed_cycle(manager: Any) -> tuple[float, float]:
+    """(total seconds, longest time holding the event loop) of one cycle.
+
+    The garbage collector is paused while timing: a full collection of a state
+    with millions of objects would land in whichever cycle happens to trigger it,
+    and swamp the cost being compared.
+    """
+    gc.collect()
+    gc.disable()
+    try:
+        return _timed_cycle(manager)
+    finally:
+        gc.enable()
+
+
+def _timed_cycle(manager: Any) -> tuple[float, float]:
+    if isinstance(manager, amm.ActiveMemoryManager):
+        before = manager.stats.max_slice_seconds
+        manager.stats.max_slice_seconds = 0.0
+        t0 = time.perf_counter()
+        manager.run_once()
+        elapsed = time.perf_counter() - t0
+        longest = manager.stats.max_slice_seconds
+        manager.stats.max_slice_seconds = max(before, longest)
+        return elapsed, longest
+    t0 = time.perf_counter()
+    manager.run_once()
+    elapsed = time.perf_counter() - t0
+    return elapsed, elapsed
+
+
+def run_side(scn: Scenario, side: str, nworkers: int, nkeys: int) -> Run:
+    factory = scn.ours if side == "ours" else scn.theirs
+    result = Run(scn.name, side, nworkers, nkeys)
+    if factory is None:
+        result.note = "policy not available"
+        return result
+    if scn.name == "rebalance_skewed" and side == "theirs":
+        return run_rebalance_planner(scn, nworkers, nkeys, result)
+
+    # peak memory of one cycle, on its own copy of the state
+    state = build(nworkers, nkeys, scn.layout)
+    scn.prepare(state)
+    manager = make_manager(side, state, factory(state))
+    gc.collect()
+    tracemalloc.start()
+    manager.run_once()
+    result.peak_memory_mib = tracemalloc.get_traced_memory()[1] / 2**20
+    tracemalloc.stop()
+    del state, manager
+    gc.collect()
+
+    state = build(nworkers, nkeys, scn.layout)
+    scn.prepare(state)
+    policies = factory(state)
+    manager = make_manager(side, state, policies)
+    total = 0.0
+    longest = 0.0
+    for cycle in range(1, MAX_CYCLES + 1):
+        elapsed, slice_ = timed_cycle(manager)
+        sent = state.recorder.pop()
+        if cycle == 1:
+            result.one_cycle_seconds = elapsed
+            result.suggestions_first_cycle = sum(len(keys) for _, _, keys in sent)
+        total += elapsed
+        longest = max(longest, slice_)
+        apply_cycle(state.scheduler, sent)
+        result.cycles = cycle
+        if scn.done(state, policies) or not sent:
+            result.converged = scn.done(state, policies) or scn.name == "rebalance_skewed"
+            break
+        if elapsed > MAX_CONVERGE_CYCLE_SECONDS:
+            result.note = f"stopped after {cycle} cycles of > {MAX_CONVERGE_CYCLE_SECONDS}s"
+            break
+    result.longest_slice_seconds = longest
+    result.total_seconds = total
+    result.quality = scn.quality(state)
+    return result
+
+
+def run_rebalance_planner(scn: Scenario, nworkers: int, nkeys: int, result: Run) -> Run:
+    """distributed's rebalance(): its planner, then the moves applied at once"""
+    state = build(nworkers, nkeys, scn.layout)
+    s = state.scheduler
+    gc.collect()
+    tracemalloc.start()
+    s._rebalance_find_msgs(None, s.workers.values())
+    result.peak_memory_mib = tracemalloc.get_traced_memory()[1] / 2**20
+    tracemalloc.stop()
+    # the planner reads process memory (ws.memory.process), which amm.testing keeps
+    # equal to managed memory
+    gc.collect()
+    gc.disable()
+    t0 = time.perf_counter()
+    msgs = s._rebalance_find_msgs(None, s.workers.values())
+    result.one_cycle_seconds = result.total_seconds = time.perf_counter() - t0
+    gc.enable()
+    result.longest_slice_seconds = result.one_cycle_seconds
+    result.suggestions_first_cycle = len(msgs)
+    for snd, rec, ts in msgs:
+        s.add_replica(ts, rec)
+        s.remove_replica(ts, snd)
+    for ws in state.workers:
+        ws.metrics["memory"] = ws.nbytes
+    result.cycles = 1
+    result.converged = True
+    result.quality = scn.quality(state)
+    result.note = "stop-the-world planner, applied in one go"
+    return result
+
+
+# -- reporting -----------------------------------------------------------------
+
+
+def ratio(theirs: float, ours: float) -> float:
+    return theirs / ours if ours and not math.isnan(ours) and not math.isnan(theirs) else math.nan
+
+
+def markdown(runs: list[Run]) -> str:
+    lines = [
+        "| scenario | W | K | side | one cycle | speed-up | cycles | longest slice "
+        "| total | peak MiB | quality | note |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    by_key = {(r.scenario, r.workers, r.keys, r.side): r for r in runs}
+    for r in runs:
+        other = by_key.get((r.scenario, r.workers, r.keys, "theirs"))
+        speedup = ratio(other.one_cycle_seconds, r.one_cycle_seconds) if other and r.side == "ours" else math.nan
+        quality = ", ".join(f"{k} {v:.2f}" for k, v in r.quality.items())
+        lines.append(
+            f"| {r.scenario} | {r.workers} | {r.keys} | {r.side} "
+            f"| {_t(r.one_cycle_seconds)} | {'' if math.isnan(speedup) else f'{speedup:.1f}x'} "
+            f"| {r.cycles}{'' if r.converged else ' (not converged)'} "
+            f"| {_t(r.longest_slice_seconds)} | {_t(r.total_seconds)} "
+            f"| {r.peak_memory_mib:.1f} | {quality} | {r.note} |"
+        )
+    return "\n".join(lines)
+
+
+def _t(seconds: float) -> str:
+    if math.isnan(seconds):
+        return "-"
+    return f"{seconds * 1000:.1f} ms" if seconds < 1 else f"{seconds:.2f} s"
+
+
+def fit_growth(runs: list[Run]) -> dict[str, dict[str, float]]:
+    """Log-log slope of one-cycle time vs suggestions and vs W, per scenario and
+    side: 1 means linear, 0 constant.
+    """
+    out: dict[str, dict[str, float]] = {}
+    for scenario in sorted({r.scenario for r in runs}):
+        for side in ("ours", "theirs"):
+            pts = [r for r in runs if r.scenario == scenario and r.side == side and r.one_cycle_seconds > 0]
+            fits = {}
+            for name, xs in (
+                ("vs_suggestions", [r.suggestions_first_cycle for r in pts]),
+                ("vs_workers", [r.workers for r in pts]),
+            ):
+                sel = [(x, r.one_cycle_seconds) for x, r in zip(xs, pts) if x > 0]
+                if name == "vs_workers":
+                    # per suggestion, so that more work done is not counted as cost of W
+                    sel = [
+                        (r.workers, r.one_cycle_seconds / max(1, r.suggestions_first_cycle))
+                        for r in pts
+                    ]
+                if len({x for x, _ in sel}) >= 2:
+                    lx = [math.log(x) for x, _ in sel]
+                    ly = [math.log(y) for _, y in sel]
+                    mx, my = sum(lx) / len(lx), sum(ly) / len(ly)
+                    den = sum((x - mx) ** 2 for x in lx)
+                    fits[name] = sum((x - mx) * (y - my) for x, y in zip(lx, ly)) / den if den else math.nan
+            out[f"{scenario}/{side}"] = fits
+    return out
+
+
+def plot(runs: list[Run], path_prefix: str) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    for axis in ("workers", "keys"):
+        fig, ax = plt.subplots(figsize=(8, 5))
+        for scenario in sorted({r.scenario for r in runs}):
+            for side, style in (("ours", "-o"), ("theirs", "--x")):
+                pts = sorted(
+                    (getattr(r, axis), r.one_cycle_seconds)
+                    for r in runs
+                    if r.scenario == scenario and r.side == side and not math.isnan(r.one_cycle_seconds)
+                    and (axis == "workers" and r.keys == max(x.keys for x in runs) or axis == "keys" and r.workers == max(x.workers for x in runs))
+                )
+                if len(pts) >= 1:
+                    ax.plot(*zip(*pts), style, label=f"{scenario} ({'amm' if side == 'ours' else 'distributed'})")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("workers (W)" if axis == "workers" else "keys (K)")
+        ax.set_ylabel("one cycle (s)")
+        ax.set_title(f"AMM cycle cost vs {axis}")
+        ax.legend(fontsize=7)
+        ax.grid(True, which="both", alpha=0.3)
+        path = f"{path_prefix}_vs_{axis}.png"
+        fig.tight_layout()
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="W in {10, 100}, K = 10k")
+    parser.add_argument("--workers", type=int, nargs="*")
+    parser.add_argument("--keys", type=int, nargs="*")
+    parser.add_argument("--scenario", nargs="*", choices=sorted(SCENARIOS))
+    parser.add_argument("--out", default=RESULTS)
+    parser.add_argument("--no-plot", action="store_true")
+    args = parser.parse_args(argv)
+
+    workers = args.workers or ([10, 100] if args.quick else [10, 100, 1000])
+    keys = args.keys or ([10_000] if args.quick else [10_000, 100_000, 1_000_000])
+    scenarios = args.scenario or list(SCENARIOS)
+    logging.getLogger("distributed").setLevel(logging.ERROR)
+
+    runs = []
+    for name in scenarios:
+        scn = SCENARIOS[name]
+        for k in ([scn.nkeys] if scn.nkeys else keys):
+            for w in workers:
+                for side in ("ours", "theirs"):
+                    r = run_side(scn, side, w, k)
+                    runs.append(r)
+                    print(
+                        f"{name:<20} W={w:<5} K={k:<8} {side:<6} one={_t(r.one_cycle_seconds):>10} "
+                        f"cycles={r.cycles:<4} slice={_t(r.longest_slice_seconds):>10} "
+                        f"total={_t(r.total_seconds):>10} mem={r.peak_memory_mib:.1f}MiB {r.quality} {r.note}",
+                        flush=True,
+                    )
+    os.makedirs(args.out, exist_ok=True)
+    report = {
+        "python": sys.version.split()[0],
+        "cpus": os.cpu_count(),
+        "runs": [asdict(r) for r in runs],
+        "growth": fit_growth(runs),
+    }
+    prefix = os.path.join(args.out, "scale_quick" if args.quick else "scale")
+    with open(prefix + ".json", "w") as f:
+        json.dump(report, f, indent=1, default=str)
+    with open(prefix + ".md", "w") as f:
+        f.write(markdown(runs) + "\n")
+    if not args.no_plot:
+        report["plots"] = plot(runs, prefix)
+    print(markdown(runs))
+    print(json.dumps(report["growth"], indent=1))
+    return report
+
+
+if __name__ == "__main__":
+    main()

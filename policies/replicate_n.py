@@ -1,0 +1,570 @@
+"""ReplicateN: keep N replicas of chosen keys, for as long as they live.
+
+distributed's ``Client.replicate()`` and ``scatter(broadcast=True)`` copy data once:
+a copy lost with its worker is never made again, a worker that joins later gets
+nothing, and ReduceReplicas deletes the copies at its next cycle (dask/distributed
+#8796). This policy turns replication into a target the manager maintains:
+
+- every cycle it asks for the replicas a tracked key is missing, and the manager
+  picks the least loaded recipients; a copy lost with a dying or retiring worker is
+  therefore made again on the next cycles, and ``n="all"`` reaches workers that
+  join later;
+- through :meth:`ReplicateN.desired_replicas` it tells the manager how many
+  replicas no policy may drop below, so ReduceReplicas only drops copies above
+  the target;
+- the replications in flight to one recipient are bounded (config
+  ``amm.replicate.max-per-worker``), so replicating a large dataset onto many
+  workers converges over a few cycles instead of flooding them in one burst;
+- a key leaves the policy when it is released or forgotten, or set back to n=1.
+
+Keys are added through :mod:`amm.replication` (the client API, and
+``Client.replicate`` / ``scatter(broadcast=True)`` which it serves) or by name in
+the config ``amm.replicate.keys``, applied whenever such a key is in memory.
+"""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Iterable, Mapping, Set
+from dataclasses import dataclass, field
+from typing import Any, Literal, Union
+
+import dask.config
+from dask.typing import Key
+from dask.utils import parse_bytes, parse_timedelta
+from distributed.core import Status
+from distributed.metrics import time
+from distributed.scheduler import TaskState, WorkerState
+
+from amm.config import DEFAULTS, AMMConfigError
+from amm.logs import logger, task_logger
+from amm.policy import ActiveMemoryManagerPolicy, Suggestion, SuggestionGenerator
+
+#: ``n`` meaning every running worker, including those that join later
+ALL: Literal["all"] = "all"
+
+#: A number of replicas: an int >= 1, or ALL
+Replicas = Union[int, Literal["all"]]
+
+#: States in which a key leaves the policy: nobody wants it any more, or it failed
+GONE = frozenset({"released", "forgotten", "erred"})
+
+
+def replicate_setting(name: str) -> tuple[str, Any]:
+    """``(config key, value)`` of ``amm.replicate.<name>``. The section may be
+    missing from a config built before amm was imported (distributed's test harness
+    does that), hence the shipped default.
+    """
+    key = f"amm.replicate.{name}"
+    return key, dask.config.get(key, default=DEFAULTS["amm"]["replicate"][name])
+
+
+def parse_n(where: str, n: Any, exc: type[ValueError] = AMMConfigError) -> Replicas:
+    """Validate a number of replicas. ``where`` names the value in the error, of
+    type ``exc``: AMMConfigError for the config, a plain ValueError for a call.
+    """
+    # bool is an int subclass: True would silently mean 1
+    if isinstance(n, numbers.Integral) and not isinstance(n, bool) and n >= 1:
+        return int(n)
+    if isinstance(n, str) and n == ALL:
+        return ALL
+    raise exc(f"{where}={n!r}: the number of replicas must be an integer >= 1 or 'all'")
+
+
+def parse_keys(where: str, value: Any) -> dict[Key, Replicas]:
+    """Validate ``amm.replicate.keys``: ``{key name: n}``"""
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise AMMConfigError(f"{where}={value!r}: must be a mapping {{key name: n}}")
+    return {key: parse_n(f"{where}[{key!r}]", n) for key, n in value.items()}
+
+
+def parse_max_per_worker(where: str, value: Any) -> tuple[float, float]:
+    """Validate ``amm.replicate.max-per-worker``: ``{keys: int, bytes: size}``,
+    either may be null (no bound). Returns ``(max keys, max bytes)``.
+    """
+    if value is None:
+        value = {}
+    if not isinstance(value, Mapping) or set(value) - {"keys", "bytes"}:
+        raise AMMConfigError(
+            f"{where}={value!r}: must be a mapping with keys 'keys' and/or 'bytes'"
+        )
+    keys = value.get("keys")
+    if keys is None:
+        max_keys = float("inf")
+    elif isinstance(keys, numbers.Integral) and not isinstance(keys, bool) and keys > 0:
+        max_keys = int(keys)
+    else:
+        raise AMMConfigError(
+            f"{where}.keys={keys!r}: must be an integer greater than zero, or null"
+        )
+    nbytes = value.get("bytes")
+    if nbytes is None:
+        max_bytes = float("inf")
+    else:
+        try:
+            max_bytes = parse_bytes(nbytes) if isinstance(nbytes, str) else nbytes
+        except (TypeError, ValueError) as e:
+            raise AMMConfigError(f"{where}.bytes={nbytes!r}: not a size: {e}") from None
+        if (
+            not isinstance(max_bytes, numbers.Real)
+            or isinstance(max_bytes, bool)
+            or not max_bytes > 0
+        ):
+            raise AMMConfigError(
+                f"{where}.bytes={nbytes!r}: must be a size greater than zero "
+                "(e.g. 256 MiB), or null"
+            )
+    return max_keys, max_bytes
+
+
+def parse_retry_after(where: str, value: Any) -> float:
+    try:
+        seconds = parse_timedelta(value, default="seconds")
+    except (TypeError, ValueError, KeyError) as e:
+        raise AMMConfigError(
+            f"{where}={value!r}: not a duration (e.g. 30s, 1 minute): {e}"
+        ) from None
+    if seconds is None or not seconds > 0:
+        raise AMMConfigError(f"{where}={value!r}: must be greater than zero")
+    return float(seconds)
+
+
+@dataclass(eq=False)
+class Target:
+    """What is wanted of one tracked key"""
+
+    #: The task; a new TaskState under the same key (released, then resubmitted) is
+    #: another task and is not tracked
+    ts: TaskState
+    n: Replicas
+    #: Addresses the replicas are counted on and sent to; None: any worker
+    workers: frozenset[str] | None
+    #: "api" (a client call) or "config" (``amm.replicate.keys``)
+    source: str
+    #: Recipients asked for a replica and not yet holding it, with the time after
+    #: which they are asked again
+    inflight: dict[WorkerState, float] = field(default_factory=dict)
+
+
+class ReplicateN(ActiveMemoryManagerPolicy):
+    """Keep ``n`` replicas of each tracked key, ``n`` an int >= 1 or ``"all"``.
+
+    **Counting.** Only replicas on running workers count: a copy on a paused or
+    retiring worker is about to become unavailable, so a replacement is made on a
+    running worker right away. A key tracked with ``workers=`` (as
+    ``Client.replicate(..., workers=)``) counts and receives replicas on those
+    workers only; ``"all"`` then means all of them that are running.
+
+    **Each cycle**, for every tracked key in memory, it asks the manager for as many
+    replicas as are missing, minus those already in flight. For ``n`` an int the
+    candidates are ``None`` (the manager picks the least loaded running worker in
+    ~O(log W)); for ``"all"`` they are the running workers that lack the key, so
+    the cost is linear in what is missing rather than a scan of the holders for
+    each suggestion.
+
+    **Bounded bursts.** A recipient stops being offered new keys for the rest of a
+    cycle once it has ``max_per_worker["keys"]`` keys or ``max_per_worker["bytes"]``
+    bytes in flight (the last key may cross the byte bound, so that a key larger
+    than the bound still moves). A requested replica that has not arrived after
+    ``retry_after`` seconds is asked for again.
+
+    **Protection.** :meth:`desired_replicas` gives the manager the count below which
+    no policy may drop; copies above it are ReduceReplicas' to drop as usual.
+
+    Parameters
+    ----------
+    keys:
+        ``{key: n}`` to keep replicated whenever such a key is in memory; default
+        ``amm.replicate.keys``
+    max_per_worker:
+        ``{"keys": int | None, "bytes": size | None}``; default
+        ``amm.replicate.max-per-worker``
+    retry_after:
+        Seconds (or a duration string); default ``amm.replicate.retry-after``
+    """
+
+    #: The manager may suspend this policy between two suggestions: it iterates over
+    #: a snapshot of the tracked keys and re-reads each key before yielding.
+    resumable = True
+
+    configured: dict[Key, Replicas]
+    max_keys: float
+    max_bytes: float
+    retry_after: float
+    #: When the policy last ran, so that callers waiting for replicas don't
+    #: trigger cycles back to back (see amm.replication)
+    last_run: float
+
+    def __init__(
+        self,
+        keys: Mapping[Key, Any] | None = None,
+        *,
+        max_per_worker: Mapping[str, Any] | None = None,
+        retry_after: float | str | None = None,
+    ):
+        self.configured = parse_keys(
+            *(replicate_setting("keys") if keys is None else ("keys", keys))
+        )
+        # n=1 is what every key has anyway: nothing to track
+        self.configured = {k: n for k, n in self.configured.items() if n != 1}
+        self.max_keys, self.max_bytes = parse_max_per_worker(
+            *(
+                replicate_setting("max-per-worker")
+                if max_per_worker is None
+                else ("max_per_worker", max_per_worker)
+            )
+        )
+        self.retry_after = parse_retry_after(
+            *(
+                replicate_setting("retry-after")
+                if retry_after is None
+                else ("retry_after", retry_after)
+            )
+        )
+        self._tracked: dict[Key, Target] = {}
+        #: Keys of targets with replications in flight
+        self._with_inflight: set[Key] = set()
+        self.last_run = 0.0
+
+    def __repr__(self) -> str:
+        return f"ReplicateN({len(self._tracked)} keys)"
+
+    # -- the API used by amm.replication -----------------------------------------
+
+    def set(
+        self,
+        keys: Iterable[Key],
+        n: Any,
+        workers: frozenset[str] | None = None,
+    ) -> list[Key]:
+        """Keep ``n`` replicas of each of ``keys`` (n=1: stop tracking them).
+
+        Keys must be known to the scheduler; they need not be in memory yet (they
+        are replicated once they land). Everything is validated before anything
+        changes: on error nothing is tracked and a ValueError names the culprit.
+        Returns the keys, in order and without duplicates.
+        """
+        n = parse_n("n", n, ValueError)
+        keys = list(dict.fromkeys(keys))
+        tasks = self.manager.scheduler.tasks
+        found: list[TaskState] = []
+        for key in keys:
+            ts = tasks.get(key)
+            if ts is None:
+                if n == 1 and (key in self._tracked or key in self.configured):
+                    continue  # released already: untracking it is harmless
+                raise ValueError(f"Cannot replicate key {key!r}: unknown to the scheduler")
+            if n != 1 and ts.state in GONE:
+                raise ValueError(
+                    f"Cannot replicate key {key!r}: it is {ts.state}"
+                    + (" (failed)" if ts.state == "erred" else " (no client wants it)")
+                )
+            if n != 1 and ts.actor:
+                raise ValueError(f"Cannot replicate key {key!r}: it is an actor")
+            found.append(ts)
+
+        if n == 1:
+            for key in keys:
+                self._untrack(key)
+                # an explicit request beats the config for the rest of this run
+                self.configured.pop(key, None)
+            logger.info("ReplicateN: no longer replicating %d keys", len(keys))
+            return keys
+
+        for ts in found:
+            old = self._tracked.get(ts.key)
+            inflight = old.inflight if old is not None and old.ts is ts else {}
+            self._tracked[ts.key] = Target(ts, n, workers, "api", inflight)
+        logger.info(
+            "ReplicateN: keeping %s replicas of %d keys%s",
+            n,
+            len(keys),
+            f" on {len(workers)} workers" if workers is not None else "",
+        )
+        return keys
+
+    def tracked(self) -> list[dict[str, Any]]:
+        """What is tracked: one dict per key, with the target ``n``, the
+        ``workers`` it is restricted to (or None), the ``replicas`` it has on
+        them now, its scheduler ``state`` and ``source`` ("api" or "config").
+        Configured keys that are not in memory are listed with state None (absent)
+        or their state, and 0 replicas.
+        """
+        self._prune()
+        out = []
+        for key, target in self._tracked.items():
+            _, have, _ = self._count(target)
+            out.append(
+                {
+                    "key": key,
+                    "n": target.n,
+                    "workers": sorted(target.workers) if target.workers else None,
+                    "replicas": have,
+                    "state": target.ts.state,
+                    "source": target.source,
+                }
+            )
+        tasks = self.manager.scheduler.tasks
+        for key, n in self.configured.items():
+            if key not in self._tracked:
+                ts = tasks.get(key)
+                out.append(
+                    {
+                        "key": key,
+                        "n": n,
+                        "workers": None,
+                        "replicas": 0,
+                        "state": ts.state if ts is not None else None,
+                        "source": "config",
+                    }
+                )
+        return out
+
+    def reached(self, key: Key) -> bool:
+        """Whether a caller waiting for ``key``'s replicas may return: the key
+        has as many replicas as it wants, or as many as there are running workers
+        it may use, or it is no longer tracked (released, set back to 1).
+        """
+        target = self._tracked.get(key)
+        if target is None:
+            return True
+        ts = target.ts
+        if ts.state in GONE or self.manager.scheduler.tasks.get(key) is not ts:
+            return True
+        if ts.state != "memory":
+            return False  # not computed yet, or being recomputed after a loss
+        pool, have, goal = self._count(target)
+        return have >= min(goal, len(pool))
+
+    def in_flight(self, key: Key) -> int:
+        """Replicas of ``key`` requested and not yet arrived"""
+        target = self._tracked.get(key)
+        if target is None or not target.inflight:
+            return 0
+        now = time()
+        who_has = target.ts.who_has or _EMPTY
+        return sum(
+            1
+            for ws, deadline in target.inflight.items()
+            if deadline > now and ws.status != Status.closed and ws not in who_has
+        )
+
+    # -- the desired-replicas hook -----------------------------------------------
+
+    def desired_replicas(self, ts: TaskState) -> int:
+        """The replicas of ``ts`` no policy may drop below.
+
+        For a key restricted to ``workers``, running replicas outside them are
+        added to the count, so that the manager cannot meet it by dropping a replica
+        inside them. Replicas on paused or retiring workers are not: the manager
+        drops those first, which frees the workers that most need it.
+        """
+        target = self._tracked.get(ts.key)
+        if target is None or target.ts is not ts:
+            n = self.configured.get(ts.key)
+            # a configured key that landed since the last run of this policy
+            if n is None or ts.state != "memory":
+                return 1
+            return len(self.manager.scheduler.running) if n == ALL else n
+        if target.workers is None:
+            if target.n == ALL:
+                return len(self.manager.scheduler.running)
+            return target.n  # type: ignore[return-value]
+        pool, _, goal = self._count(target)
+        running = self.manager.scheduler.running
+        outside = sum(1 for ws in ts.who_has or () if ws in running and ws not in pool)
+        return goal + outside
+
+    # -- the cycle ---------------------------------------------------------------
+
+    def run(self) -> SuggestionGenerator:
+        manager = self.manager
+        scheduler = manager.scheduler
+        now = self.last_run = time()
+        self._apply_config()
+        load = self._prune()
+        if not self._tracked:
+            return
+
+        # Recipients that can take no more in this cycle, and, once there is any,
+        # the running workers that still can. Both only shrink during the run, so
+        # the candidate sets built from them stay valid for the manager (which
+        # checks a candidate set once per cycle, by identity).
+        full = {ws for ws, (k, b) in load.items() if self._is_full(k, b)}
+        open_: set[WorkerState] | None = set(scheduler.running) - full if full else None
+        pools: dict[frozenset[str], set[WorkerState]] = {}
+        nrepl = 0
+        nkeys = 0
+
+        for key, target in list(self._tracked.items()):
+            if open_ is not None and not open_:
+                logger.debug("ReplicateN: every recipient has its fill of transfers")
+                break
+            ts = target.ts
+            # re-read after a possible suspension: the key may be gone
+            if ts.state != "memory" or ts.actor or self._tracked.get(key) is not target:
+                continue
+            pool, have, goal = self._count(target, pools)
+            missing = goal - have - len(target.inflight)
+            entry = manager.pending.get(ts)
+            if entry:
+                missing -= len(entry[0])  # another policy already asked for copies
+            if missing <= 0:
+                continue
+
+            candidates = self._candidates(target, pool, open_)
+            if candidates is not None and not candidates:
+                continue
+            nkeys += 1
+            nbytes = ts.get_nbytes()
+            for _ in range(missing):
+                if ts.state != "memory":
+                    break  # released while this policy was suspended
+                ws = yield Suggestion("replicate", ts, candidates)
+                if ws is None:
+                    break  # no running worker without the key is left to receive it
+                nrepl += 1
+                target.inflight[ws] = now + self.retry_after
+                self._with_inflight.add(key)
+                counts = load.setdefault(ws, [0, 0])
+                counts[0] += 1
+                counts[1] += nbytes
+                if self._is_full(*counts):
+                    task_logger.debug("ReplicateN: %s has its fill of transfers", ws)
+                    full.add(ws)
+                    if open_ is None:
+                        open_ = set(scheduler.running) - full
+                        if candidates is None:
+                            candidates = open_
+                    else:
+                        open_.discard(ws)
+                    if candidates is not None and candidates is not open_:
+                        candidates.discard(ws)
+                    if candidates is not None and not candidates:
+                        break
+
+        if nrepl:
+            logger.debug(
+                "ReplicateN: Replicating %d missing replicas of %d tasks", nrepl, nkeys
+            )
+
+    # -- internals ---------------------------------------------------------------
+
+    def _is_full(self, nkeys: int, nbytes: int) -> bool:
+        return nkeys >= self.max_keys or nbytes >= self.max_bytes
+
+    def _apply_config(self) -> None:
+        """Start tracking the configured keys that are now in memory"""
+        tasks = self.manager.scheduler.tasks
+        for key, n in self.configured.items():
+            if key in self._tracked:
+                continue  # tracked already, or overridden by a client call
+            ts = tasks.get(key)
+            if ts is not None and ts.state == "memory" and not ts.actor:
+                self._tracked[key] = Target(ts, n, None, "config")
+                logger.debug("ReplicateN: keeping %s replicas of %r (config)", n, key)
+
+    def _untrack(self, key: Key) -> None:
+        self._tracked.pop(key, None)
+        self._with_inflight.discard(key)
+
+    def _prune(self) -> dict[WorkerState, list[int]]:
+        """Forget the keys that are gone and the transfers that arrived, failed or
+        timed out. Returns the transfers still in flight to each recipient:
+        ``{worker: [keys, bytes]}``.
+        """
+        tasks = self.manager.scheduler.tasks
+        for key, target in list(self._tracked.items()):
+            ts = target.ts
+            if ts.state in GONE or tasks.get(key) is not ts:
+                self._untrack(key)
+                task_logger.debug("ReplicateN: %r is %s; no longer tracked", key, ts.state)
+
+        now = time()
+        load: dict[WorkerState, list[int]] = {}
+        for key in list(self._with_inflight):
+            target = self._tracked[key]
+            ts = target.ts
+            who_has = ts.who_has or _EMPTY
+            if ts.state != "memory":
+                target.inflight.clear()
+            for ws, deadline in list(target.inflight.items()):
+                if ws in who_has or ws.status == Status.closed or deadline <= now:
+                    del target.inflight[ws]
+                else:
+                    counts = load.setdefault(ws, [0, 0])
+                    counts[0] += 1
+                    counts[1] += ts.get_nbytes()
+            if not target.inflight:
+                self._with_inflight.discard(key)
+        return load
+
+    def _count(
+        self,
+        target: Target,
+        pools: dict[frozenset[str], set[WorkerState]] | None = None,
+    ) -> tuple[Set[WorkerState], int, int]:
+        """``(pool, have, goal)``: the running workers the key may use, how many of
+        them hold it, and how many should.
+        """
+        scheduler = self.manager.scheduler
+        running = scheduler.running
+        who_has = target.ts.who_has or _EMPTY
+        pool: Set[WorkerState]
+        if target.workers is None:
+            pool = running
+            # the common case costs O(1): every worker is running
+            have = (
+                len(who_has)
+                if len(running) == len(scheduler.workers)
+                else len(who_has & running)
+            )
+        else:
+            cached = pools.get(target.workers) if pools is not None else None
+            if cached is None:
+                workers = scheduler.workers
+                cached = {
+                    ws
+                    for addr in target.workers
+                    if (ws := workers.get(addr)) is not None and ws in running
+                }
+                if pools is not None:
+                    pools[target.workers] = cached
+            pool = cached
+            have = len(who_has & pool)
+        goal = len(pool) if target.n == ALL else target.n
+        return pool, have, goal  # type: ignore[return-value]
+
+    def _candidates(
+        self,
+        target: Target,
+        pool: Set[WorkerState],
+        open_: set[WorkerState] | None,
+    ) -> set[WorkerState] | None:
+        """Where the missing replicas of a key may go; None for anywhere. The
+        manager excludes holders and non-running workers by itself; explicit sets
+        are only built where None would be wrong (restricted keys, recipients
+        already in flight) or slow (``"all"``: the manager would walk past every
+        holder at each suggestion).
+        """
+        if target.workers is None and target.n != ALL and not target.inflight:
+            return open_
+        who_has = target.ts.who_has or _EMPTY
+        inflight = target.inflight
+        if open_ is not None and len(open_) < len(pool):
+            base = open_
+            return {
+                ws for ws in base if ws in pool and ws not in who_has and ws not in inflight
+            }
+        return {
+            ws
+            for ws in pool
+            if ws not in who_has
+            and ws not in inflight
+            and (open_ is None or ws in open_)
+        }
+
+
+_EMPTY: frozenset[Any] = frozenset()

@@ -1,0 +1,258 @@
+"""RetireWorker: move the unique data off a worker that is about to leave.
+
+The policy is distributed's, rewritten so that a retirement costs the scheduler
+little per cycle and cannot hang:
+
+- a key held only by the retiring worker is replicated once, to a worker chosen by
+  the manager (``candidates=None``: the least loaded running worker, ~O(log W)), and
+  remembered; later cycles do not ask again while the transfer is under way, unless
+  the recipient stopped running (paused, retiring, gone) or nothing arrived after
+  :data:`RESEND_AFTER` seconds. distributed asks again at every cycle, which costs
+  a suggestion per in-flight key per cycle and, once the first recipient has grown,
+  sends a second copy of the same key to another worker;
+- a key that already has replicas elsewhere is dropped from the retiring worker,
+  to free its memory (and, if it spilled, its disk) as early as possible;
+- :class:`amm.retirement.Retirements` gives up after ``timeout`` seconds (config
+  ``amm.retire.timeout``) and then either aborts or closes the worker anyway
+  (``amm.retire.on-timeout``).
+
+It subclasses distributed's ``RetireWorker`` so that ``isinstance`` checks,
+``done()``, ``no_recipients`` and ``Scheduler._track_retire_worker`` keep working,
+and its outcome is reported exactly as distributed's: ``done()`` is True once every
+key on the worker has a replica elsewhere, and ``no_recipients`` is raised (with
+the same warnings) when the worker holds actors or no worker can receive its data.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import dask.config
+from dask.utils import parse_timedelta
+from distributed.active_memory_manager import RetireWorker as _DistributedRetireWorker
+from distributed.core import Status
+from distributed.metrics import time
+from distributed.scheduler import TaskState, WorkerState
+
+from amm.config import DEFAULTS, AMMConfigError
+from amm.logs import logger
+from amm.policy import ActiveMemoryManagerPolicy, Suggestion, SuggestionGenerator
+
+#: Ask again for a replica that has not arrived after this many seconds, from the
+#: same recipient if it is still running. A running recipient does not lose the
+#: request (its stream is reliable, and it retries failed fetches by itself); this
+#: only covers a recipient that gave up on the key, e.g. because it was told to
+#: forget it and the scheduler then needed it again.
+RESEND_AFTER = 20.0
+
+#: Values accepted by ``amm.retire.on-timeout``
+ON_TIMEOUT = ("abort", "close")
+
+
+def retire_setting(name: str) -> tuple[str, Any]:
+    """``(config key, value)`` of ``amm.retire.<name>``. The section may be missing
+    from a config built before amm was imported (distributed's test harness does
+    that), hence the shipped default.
+    """
+    key = f"amm.retire.{name}"
+    return key, dask.config.get(key, default=DEFAULTS["amm"]["retire"][name])
+
+
+def parse_timeout(key: str, value: Any) -> float:
+    try:
+        seconds = parse_timedelta(value, default="seconds")
+    except (TypeError, ValueError, KeyError) as e:
+        raise AMMConfigError(
+            f"{key}={value!r}: not a duration (e.g. 60s, 5 minutes, 30): {e}"
+        ) from None
+    if seconds is None or not seconds > 0:
+        raise AMMConfigError(f"{key}={value!r}: must be greater than zero")
+    return float(seconds)
+
+
+def parse_on_timeout(key: str, value: Any) -> str:
+    if value not in ON_TIMEOUT:
+        raise AMMConfigError(f"{key}={value!r}: must be one of " + ", ".join(ON_TIMEOUT))
+    return value
+
+
+class RetireWorker(ActiveMemoryManagerPolicy, _DistributedRetireWorker):
+    """Replicate elsewhere every key held only by the worker at ``address``, and drop
+    from it the keys that already have a replica elsewhere, so that it can close
+    without losing data.
+
+    There is one instance per worker being retired, added by
+    :meth:`amm.retirement.Retirements.retire_workers` (which serves
+    ``client.retire_workers()``, ``Scheduler.retire_workers`` and adaptive
+    scale-down); it removes itself once nothing is left to move. It is not meant to
+    be listed in the ``amm.policies`` config.
+
+    **Failure conditions**, as in distributed:
+
+    - the worker holds an actor, which can't be moved: ``no_recipients`` is set at
+      once and the worker is not retired;
+    - no worker can receive a unique key (this is the only worker left, or all the
+      others are paused or retiring too): ``no_recipients`` is set and the
+      retirement is aborted;
+    - the data could not be moved within ``timeout`` (a recipient hangs, the
+      transfers are too slow): decided by the retirement, see ``on_timeout``.
+
+    Parameters
+    ----------
+    address:
+        Address of the worker to retire
+    timeout:
+        Seconds after which the retirement gives up; default ``amm.retire.timeout``
+    on_timeout:
+        ``"abort"`` (the worker goes back to its previous status and keeps its data)
+        or ``"close"`` (it is retired anyway and the keys only it held are lost,
+        logged at WARNING); default ``amm.retire.on-timeout``
+    """
+
+    #: The manager may suspend this policy between two suggestions: it iterates over
+    #: a snapshot of the worker's keys and re-reads each key and the worker.
+    resumable = True
+
+    timeout: float
+    on_timeout: str
+
+    def __init__(
+        self,
+        address: str,
+        *,
+        timeout: float | str | None = None,
+        on_timeout: str | None = None,
+    ):
+        super().__init__(address)
+        self.timeout = parse_timeout(
+            *(retire_setting("timeout") if timeout is None else ("timeout", timeout))
+        )
+        self.on_timeout = parse_on_timeout(
+            *(
+                retire_setting("on-timeout")
+                if on_timeout is None
+                else ("on_timeout", on_timeout)
+            )
+        )
+        #: Unique keys asked to be replicated: the recipient and when it was asked
+        self._requested: dict[TaskState, tuple[WorkerState, float]] = {}
+        self._announced = False
+
+    def run(self) -> SuggestionGenerator:
+        manager = self.manager
+        scheduler = manager.scheduler
+        ws = scheduler.workers.get(self.address)
+        if ws is None:
+            logger.debug("Removing policy %s: Worker no longer in cluster", self)
+            manager.policies.discard(self)
+            return
+
+        if ws.actors:
+            # Same text as distributed, which users and tests grep for
+            logger.warning(
+                f"Tried retiring worker {self.address}, but it holds actor(s) "
+                f"{set(ws.actors)}, which can't be moved."
+                "The worker will not be retired."
+            )
+            self.no_recipients = True
+            manager.policies.discard(self)
+            return
+
+        running = scheduler.running
+        requested = self._requested
+        now = time()
+        # One set object for every drop: the manager checks a candidate set once
+        # per cycle, by identity
+        only_ws = frozenset((ws,))
+        nrepl = 0  # unique keys still to move
+        nno_rec = 0  # unique keys nobody can receive
+
+        # Forget the keys that left the worker (moved and dropped, or released)
+        for ts in [ts for ts in requested if ws not in (ts.who_has or ())]:
+            del requested[ts]
+
+        logger.debug("Retiring %s", ws)
+        for ts in list(ws.has_what):  # a snapshot: we may be suspended at a yield
+            if ws.status == Status.closed:
+                return  # left while suspended; the next cycle removes the policy
+            who_has = ts.who_has
+            if ts.actor or not who_has or ws not in who_has:
+                # An actor proxy (an original would have stopped us above), or a
+                # key dropped or released while the policy was suspended
+                continue
+
+            if len(who_has) > 1:
+                # The key is elsewhere too: free this worker of it. If the manager
+                # refuses (another policy drops the same replica, a dependent runs
+                # here), try again next cycle; but if every replica is on a worker
+                # that is leaving, a copy must be made on a running one.
+                requested.pop(ts, None)
+                if (yield Suggestion("drop", ts, only_ws)):
+                    continue
+                if (ts.who_has or _EMPTY) & running:
+                    continue
+
+            nrepl += 1
+            entry = requested.get(ts)
+            if entry is not None and entry[0] in running and now - entry[1] < RESEND_AFTER:
+                continue  # the transfer is under way
+            pending = manager.pending.get(ts)
+            if pending and pending[0]:
+                continue  # another policy already asked for a replica in this cycle
+
+            # Ask the same recipient again if it is still there: a second recipient
+            # would only mean a second transfer of the same data.
+            candidates = (
+                frozenset((entry[0],))
+                if entry is not None and entry[0] in running
+                else None
+            )
+            choice = yield Suggestion("replicate", ts, candidates)
+            if choice is None and candidates is not None:
+                choice = yield Suggestion("replicate", ts)
+            if choice is not None:
+                requested[ts] = (choice, now)
+            elif ts.state == "memory" and ws in (ts.who_has or _EMPTY) and not (
+                ts.who_has & running  # type: ignore[operator]
+            ):
+                # The manager found no running worker to send it to. (Otherwise the
+                # key was released, or a running worker got it, while suspended.)
+                nno_rec += 1
+
+        if nno_rec:
+            # All other workers are paused or retiring: abort now rather than wait
+            # for the timeout, as distributed does.
+            self.no_recipients = True
+            logger.warning(
+                f"Tried retiring worker {self.address}, but {nno_rec} tasks could not "
+                "be moved as there are no suitable workers to receive them. "
+                "The worker will not be retired."
+            )
+            manager.policies.discard(self)
+        elif nrepl:
+            if not self._announced:
+                logger.info(
+                    f"Retiring worker {self.address}; {nrepl} keys are being moved away."
+                )
+                self._announced = True
+            else:
+                logger.debug(
+                    "Retiring worker %s; %d keys left to move", self.address, nrepl
+                )
+        else:
+            logger.info(
+                f"Retiring worker {self.address}; no unique keys need to be moved away."
+            )
+            manager.policies.discard(self)
+
+    def unique_keys(self) -> list[Any]:
+        """Keys whose only replica is on the retiring worker (they would be lost if
+        it closed now). Actors are listed too: they never move.
+        """
+        ws = self.manager.scheduler.workers.get(self.address)
+        if ws is None:
+            return []
+        return [ts.key for ts in ws.has_what if len(ts.who_has or ()) < 2]
+
+
+_EMPTY: frozenset[Any] = frozenset()

@@ -1,0 +1,71 @@
+"""A cycle longer than the time slice yields the event loop and resumes"""
+
+from __future__ import annotations
+
+import asyncio
+
+from distributed.utils_test import gen_cluster
+
+from amm import ActiveMemoryManager, ActiveMemoryManagerPolicy, ReduceReplicas, Suggestion
+from amm.testing import Recorder, add_task, add_worker, new_scheduler
+from conftest import amm_config
+
+
+def synthetic(nkeys=500, nworkers=4):
+    s = new_scheduler()
+    recorder = Recorder(s)
+    wss = [add_worker(s, f"tcp://w{i}:1") for i in range(nworkers)]
+    for i in range(nkeys):
+        add_task(s, f"k{i}", 10, wss)
+    return s, recorder, wss
+
+
+def test_sliced_cycle_without_event_loop_runs_to_completion():
+    s, recorder, wss = synthetic()
+    m = ActiveMemoryManager(s, [ReduceReplicas()], register=False, start=False)
+    m.time_slice = 0  # every check point is past the deadline
+    m.run_once()
+    assert m.stats.cycles == 1
+    assert m.stats.cycles_sliced == 1
+    assert m.stats.total.drops_requested == 500 * 3
+    # one message per worker per slice: several slices happened
+    assert len(recorder.sent) > 3
+    assert all(len(ts.who_has) == 1 for ts in s.tasks.values())
+
+
+class NotResumable(ActiveMemoryManagerPolicy):
+    """Iterates a live set: must never be suspended in the middle"""
+
+    def run(self):
+        for ts in self.manager.scheduler.replicated_tasks.copy():
+            for _ in range(len(ts.who_has) - 1):
+                yield Suggestion("drop", ts)
+
+
+def test_policies_not_declaring_resumable_run_in_one_go():
+    s, recorder, wss = synthetic()
+    m = ActiveMemoryManager(s, [NotResumable(), ReduceReplicas()], register=False, start=False)
+    m.time_slice = 0
+    m.run_once()
+    # the first slice ran NotResumable to the end, then stopped at the boundary
+    first = [msg for msg in recorder.sent[:4]]
+    assert sum(len(keys) for _, _, keys in first) == 1500
+    assert m.stats.total.by_policy == {"NotResumable()": 1500}
+
+
+@gen_cluster(client=True, config=amm_config())
+async def test_sliced_cycle_yields_the_event_loop(c, s, a, b):
+    x = await c.scatter({f"x{i}": i for i in range(200)}, broadcast=True)  # noqa: F841
+    m = s.extensions["amm"]
+    m.time_slice = 0
+    m.run_once()
+    # run_once returned with the cycle suspended; a new cycle is refused meanwhile
+    assert m.stats.cycles == 0
+    m.run_once()
+    while m.stats.cycles == 0:
+        await asyncio.sleep(0)
+    assert m.stats.cycles == 1
+    assert m.stats.total.drops_requested == 200
+    while any(len(s.tasks[f"x{i}"].who_has) > 1 for i in range(200)):
+        await asyncio.sleep(0.01)
+    assert await c.gather(list(x.values())) == list(range(200))
