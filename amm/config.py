@@ -66,12 +66,16 @@ def setting(name: str) -> tuple[str, Any]:
     return ours_key, ours
 
 
-def parse_start(key: str, value: Any) -> bool:
+def parse_bool(key: str, value: Any) -> bool:
     if isinstance(value, bool):
         return value
     if isinstance(value, str) and value.lower() in ("true", "false"):
         return value.lower() == "true"
     raise AMMConfigError(f"{key}={value!r}: must be true or false")
+
+
+#: ``start`` is a plain boolean setting
+parse_start = parse_bool
 
 
 def parse_interval(key: str, value: Any) -> float:
@@ -140,3 +144,19 @@ def build_policies(key: str, specs: Any) -> list[Any]:
                 f"{where}: {cls.__name__} rejected its arguments {kwargs!r}: {e}"
             ) from e
     return policies
+
+
+def eager_reduction() -> tuple[bool, float]:
+    """``amm.reduce-replicas.eager`` and ``.eager-delay``, validated"""
+    section = DEFAULTS[SECTION]["reduce-replicas"]
+    key = f"{SECTION}.reduce-replicas.eager"
+    enabled = parse_bool(key, dask.config.get(key, default=section["eager"]))
+    key = f"{SECTION}.reduce-replicas.eager-delay"
+    delay = dask.config.get(key, default=section["eager-delay"])
+    try:
+        seconds = parse_timedelta(delay, default="seconds")
+    except (TypeError, ValueError, KeyError) as e:
+        raise AMMConfigError(f"{key}={delay!r}: not a time interval: {e}") from None
+    if seconds is None or seconds < 0:
+        raise AMMConfigError(f"{key}={delay!r}: must be zero or more")
+    return enabled, float(seconds)

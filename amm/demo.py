@@ -10,9 +10,8 @@ ReduceReplicas removes.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import dask
@@ -30,18 +29,28 @@ class Result:
     replicas_dropped: int | None
     seconds: float
     value: float
+    #: (time, bytes) samples per measure
+    samples: dict[str, list[tuple[float, int]]] = field(default_factory=dict, repr=False)
+
+
+#: dask config of each mode: no AMM, distributed's built-in one, this project's
+MODES: dict[str, dict[str, Any]] = {
+    "off": {"distributed.scheduler.active-memory-manager.start": False},
+    "distributed": {},
+    "on": {"distributed.scheduler.preload": ["amm"]},
+}
 
 
 def run(mode: str, args: argparse.Namespace) -> Result:
+    """The workload on a fresh local cluster configured per ``MODES[mode]``, with
+    cluster memory sampled every 0.1 s by distributed's MemorySampler
+    """
     import dask.array as da
 
-    if mode == "on":
-        config: dict[str, Any] = {
-            "distributed.scheduler.preload": ["amm"],
-            "amm.interval": args.interval,
-        }
-    else:
-        config = {"distributed.scheduler.active-memory-manager.start": False}
+    config = dict(MODES[mode])
+    if args.interval is not None:
+        config["amm.interval"] = args.interval
+        config["distributed.scheduler.active-memory-manager.interval"] = args.interval
 
     with dask.config.set(config), LocalCluster(
         n_workers=args.workers,
@@ -61,6 +70,7 @@ def run(mode: str, args: argparse.Namespace) -> Result:
             value = float(product.compute())
         seconds = time.perf_counter() - start
         dropped = AMMClient(client).statistics()["drops_requested"] if mode == "on" else None
+        samples = {"process": process.samples[mode], "managed": managed.samples[mode]}
         return Result(
             mode=mode,
             peak_managed=max(nbytes for _, nbytes in managed.samples[mode]),
@@ -68,6 +78,7 @@ def run(mode: str, args: argparse.Namespace) -> Result:
             replicas_dropped=dropped,
             seconds=seconds,
             value=value,
+            samples=samples,
         )
 
 
@@ -104,7 +115,9 @@ def main(argv: list[str] | None = None) -> list[Result]:
     parser.add_argument("--workers", type=int, default=4)
     parser.add_argument("--size", type=int, default=8000, help="x is size x size")
     parser.add_argument("--chunk", type=int, default=1000)
-    parser.add_argument("--interval", default="2s", help="amm.interval when on")
+    parser.add_argument(
+        "--interval", default=None, help="AMM interval (default: the configured 2s)"
+    )
     parser.add_argument("--memory-limit", default="4GiB", help="per worker")
     args = parser.parse_args(argv)
 
@@ -117,8 +130,7 @@ def main(argv: list[str] | None = None) -> list[Result]:
     results = []
     for mode in ("off", "on"):
         print(f"running with the AMM {mode} ...", flush=True)
-        with contextlib.redirect_stderr(None):
-            results.append(run(mode, args))
+        results.append(run(mode, args))
     values = {round(r.value, 3) for r in results}
     assert len(values) == 1, f"results differ: {values}"
     print()

@@ -73,6 +73,7 @@ class ActiveMemoryManager:
         self.stats = ManagerStats()
         self._cycle: Cycle | None = None
         self._cycle_suspended = False
+        self._cycle_policies: Iterable[_DistributedPolicy] = self.policies
         self._cycle_seconds = 0.0
         self._cycle_slices = 0
         #: Longest time one cycle holds the event loop before resuming later
@@ -193,18 +194,39 @@ class ActiveMemoryManager:
         and resumes on the next turn of the event loop, so the scheduler never
         stalls on it; while it is suspended, further calls do nothing.
         """
+        self._begin(self.policies)
+
+    def run_policies_once(self, policies: Iterable[_DistributedPolicy]) -> bool:
+        """Run one cycle of ``policies`` instead of the manager's own, e.g. a
+        narrow ReduceReplicas over a few keys between two regular cycles. Keys
+        protected by the manager's policies stay protected. Returns False, doing
+        nothing, if a cycle is already in progress.
+        """
+        policies = list(policies)
+        for policy in policies:
+            policy.manager = self  # type: ignore[assignment]
+        return self._begin(policies)
+
+    def _begin(self, policies: Iterable[_DistributedPolicy]) -> bool:
         if self._cycle is not None:
             if self._cycle_suspended:
                 logger.debug("Active Memory Manager cycle still in progress; skipped")
-                return
-            raise RuntimeError("run_once() called from within a running AMM cycle")
+                return False
+            raise RuntimeError("AMM cycle started from within a running cycle")
         protectors = [p for p in self.policies if _protects_keys(p)]
         self._cycle = Cycle(
             self.scheduler, self.measure, _desired_replicas_of(protectors)
         )
+        self._cycle_policies = policies
         self._cycle_seconds = 0.0
         self._cycle_slices = 0
         self._run_slices()
+        return True
+
+    @property
+    def cycle_in_progress(self) -> bool:
+        """A cycle is suspended between two time slices"""
+        return self._cycle is not None
 
     def _run_slices(self) -> None:
         """Run the current cycle one time slice at a time. With a running event
@@ -219,7 +241,7 @@ class ActiveMemoryManager:
             try:
                 if self._cycle_slices:
                     cycle.refresh()
-                done = cycle.run(self.policies, start + self.time_slice)
+                done = cycle.run(self._cycle_policies, start + self.time_slice)
                 cycle.enact()
             except BaseException:
                 self._cycle = None

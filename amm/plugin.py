@@ -17,6 +17,10 @@ from distributed.active_memory_manager import RetireWorker as _DistributedRetire
 from distributed.diagnostics.plugin import SchedulerPlugin
 from distributed.scheduler import Scheduler
 
+from dask.typing import Key
+
+from amm import config
+from amm.eager import EagerReduction
 from amm.logs import logger
 from amm.manager import ActiveMemoryManager
 
@@ -40,11 +44,27 @@ class ActiveMemoryManagerPlugin(SchedulerPlugin):
             )
         self.overrides = overrides
         self.manager: ActiveMemoryManager | None = None
+        self.eager: EagerReduction | None = None
 
     async def start(self, scheduler: Scheduler) -> None:
+        self.scheduler = scheduler
         self.manager = install(scheduler, **self.overrides)
+        eager, delay = config.eager_reduction()
+        if eager:
+            self.eager = EagerReduction(self.manager, delay)
+
+    def transition(
+        self, key: Key, start: str, finish: str, *args: Any, **kwargs: Any
+    ) -> None:
+        # Called for every transition of every task: keep the common path short
+        if finish == "memory" and start == "processing" and self.eager is not None:
+            ts = self.scheduler.tasks.get(key)
+            if ts is not None:
+                self.eager.task_finished(ts)
 
     async def close(self) -> None:
+        if self.eager is not None:
+            self.eager.cancel()
         if self.manager is not None:
             self.manager.stop()
 
@@ -79,8 +99,6 @@ def install(scheduler: Scheduler, **overrides: Any) -> ActiveMemoryManager:
     scheduler.extensions["amm"] = manager
 
     if start is None:
-        from amm import config
-
         start = config.parse_start(*config.setting("start"))
     if start:
         manager.start()

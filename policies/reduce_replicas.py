@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
+from distributed.scheduler import TaskState
+
 from amm.logs import logger
 from amm.policy import ActiveMemoryManagerPolicy, Suggestion, SuggestionGenerator
 
@@ -22,7 +26,24 @@ class ReduceReplicas(ActiveMemoryManagerPolicy):
     Which replicas go is the manager's choice: those on paused or retiring workers
     first, then those on the most loaded workers, never the last one, never one a
     processing dependent is using.
+
+    Besides running every cycle, the manager runs it over just the dependencies of
+    each task that finishes (see :mod:`amm.eager`), so that a replica fetched for a
+    task goes as soon as the task is done rather than up to an interval later.
+
+    Parameters
+    ----------
+    keys:
+        Only consider these tasks (default: every task with more than one replica)
     """
+
+    def __init__(self, keys: Iterable[TaskState] | None = None):
+        self.keys = None if keys is None else list(keys)
+
+    def __repr__(self) -> str:
+        if self.keys is None:
+            return "ReduceReplicas()"
+        return f"ReduceReplicas(<{len(self.keys)} keys>)"
 
     #: The manager may suspend this policy between two suggestions and resume it on
     #: a later event-loop turn: it iterates over a snapshot and re-reads each key.
@@ -35,9 +56,12 @@ class ReduceReplicas(ActiveMemoryManagerPolicy):
         nkeys = 0
         ndrop = 0
 
-        for ts in list(manager.scheduler.replicated_tasks):
-            if not ts.who_has:
-                continue  # released while this policy was suspended
+        tasks = self.keys
+        if tasks is None:
+            tasks = list(manager.scheduler.replicated_tasks)
+        for ts in tasks:
+            if not ts.who_has or len(ts.who_has) < 2:
+                continue  # released, or dropped, while this policy was suspended
             waiters = ts.waiters
             nwaiters = len(waiters) if waiters else 0
             if 1 < nwaiters < MAX_WAITERS_INSPECTED:
