@@ -1,0 +1,80 @@
+"""Eager reduction: replicas a finished task fetched go without waiting for the
+next periodic cycle
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from distributed import Event
+from distributed.utils_test import async_poll_for, gen_cluster, inc
+
+from amm import AMMConfigError
+from amm import config as amm_config_module
+from conftest import amm_config
+
+import dask
+
+# a periodic interval far longer than the test: anything dropped was dropped eagerly
+SLOW = dict(start=True, interval="1h", **{"reduce-replicas.eager-delay": "10ms"})
+
+
+@gen_cluster(client=True, config=amm_config(**SLOW))
+async def test_dependency_replica_dropped_when_task_finishes(c, s, a, b):
+    x = c.submit(inc, 1, key="x", workers=[a.address])
+    await x
+    y = c.submit(inc, x, key="y", workers=[b.address])
+    await y
+    # x was copied to b to compute y; nothing needs that copy any more
+    await async_poll_for(lambda: len(s.tasks["x"].who_has) == 1, timeout=5)
+    assert s.extensions["amm"].stats.cycles >= 1
+    assert await c.gather([x, y]) == [2, 3]
+
+
+@gen_cluster(client=True, nthreads=[("", 1), ("", 2)], config=amm_config(**SLOW))
+async def test_replica_kept_while_a_dependent_runs(c, s, a, b):
+    ev = Event()
+    x = c.submit(inc, 1, key="x", workers=[a.address])
+    await x
+    z = c.submit(lambda x, ev: ev.wait(), x, ev, key="z", workers=[b.address])
+    y = c.submit(inc, x, key="y", workers=[b.address])
+    await y
+    await asyncio.sleep(0.2)
+    # z still runs on b with x as input: b's copy stays
+    assert len(s.tasks["x"].who_has) == 2
+    await ev.set()
+    await z
+    await async_poll_for(lambda: len(s.tasks["x"].who_has) == 1, timeout=5)
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        dict(start=False, **{"reduce-replicas.eager-delay": "10ms"}),
+        dict(SLOW, **{"reduce-replicas.eager": False}),
+        dict(SLOW, policies=[]),
+    ],
+    ids=["manager-stopped", "eager-off", "no-reduce-replicas"],
+)
+def test_nothing_dropped_eagerly_unless_enabled(settings):
+    @gen_cluster(client=True, config=amm_config(**settings))
+    async def run(c, s, a, b):
+        x = c.submit(inc, 1, key="x", workers=[a.address])
+        await x
+        y = c.submit(inc, x, key="y", workers=[b.address])
+        await y
+        await asyncio.sleep(0.3)
+        assert len(s.tasks["x"].who_has) == 2
+
+    run()
+
+
+def test_eager_config_errors():
+    with dask.config.set({"amm.reduce-replicas.eager-delay": "-1s"}):
+        with pytest.raises(AMMConfigError, match="amm.reduce-replicas.eager-delay='-1s'"):
+            amm_config_module.eager_reduction()
+    with dask.config.set({"amm.reduce-replicas.eager": "sometimes"}):
+        with pytest.raises(AMMConfigError, match="amm.reduce-replicas.eager='sometimes'"):
+            amm_config_module.eager_reduction()
