@@ -41,12 +41,11 @@ async def test_replica_kept_while_a_dependent_runs(c, s, a, b):
     z = c.submit(lambda x, ev: ev.wait(), x, ev, key="z", workers=[b.address])
     y = c.submit(inc, x, key="y", workers=[b.address])
     await y
-    await asyncio.sleep(0.2)
-    # z still runs on b with x as input: b's copy stays
-    assert len(s.tasks["x"].who_has) == 2
-    await ev.set()
-    await z
+    # one copy goes, and it is not the one z, still running on b, reads
     await async_poll_for(lambda: len(s.tasks["x"].who_has) == 1, timeout=5)
+    assert s.tasks["x"].who_has == {s.workers[b.address]}
+    await ev.set()
+    assert await z is True
 
 
 @pytest.mark.parametrize(
