@@ -123,3 +123,34 @@ async def test_retirement_in_progress_is_carried_over(c, s, a, b):
     assert policy not in builtin.policies
     # the built-in's own configured policies stay behind
     assert not any(isinstance(p, ReduceReplicas) for p in new.policies)
+
+
+def test_dask_scheduler_cli_preload(tmp_path):
+    """`dask scheduler --preload amm`, a separate process"""
+    import subprocess
+    import sys
+    import time
+
+    scheduler_file = tmp_path / "scheduler.json"
+    proc = subprocess.Popen(
+        [
+            sys.executable, "-m", "distributed.cli.dask_scheduler",
+            "--host", "127.0.0.1", "--port", "0", "--no-dashboard",
+            "--scheduler-file", str(scheduler_file), "--preload", "amm",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not scheduler_file.exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        with Client(scheduler_file=str(scheduler_file), timeout=30) as client:
+            name = client.run_on_scheduler(
+                lambda dask_scheduler: type(dask_scheduler.extensions["amm"]).__module__
+            )
+            assert name == "amm.manager"
+            assert client.amm.running()
+    finally:
+        proc.terminate()
+        proc.wait(30)
