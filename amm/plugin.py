@@ -19,7 +19,7 @@ from distributed.scheduler import Scheduler
 
 from dask.typing import Key
 
-from amm import config
+from amm import config, retirement
 from amm.eager import EagerReduction
 from amm.logs import logger
 from amm.manager import ActiveMemoryManager
@@ -82,6 +82,7 @@ def install(scheduler: Scheduler, **overrides: Any) -> ActiveMemoryManager:
 
     start = overrides.pop("start", None)
     manager = ActiveMemoryManager(scheduler, start=False, **overrides)
+    retirement.validate_config()
 
     if current is not None:
         was_running = current.running
@@ -97,6 +98,8 @@ def install(scheduler: Scheduler, **overrides: Any) -> ActiveMemoryManager:
             "running" if was_running else "stopped",
         )
     scheduler.extensions["amm"] = manager
+    # retire_workers() and adaptive scale-down run this project's RetireWorker
+    retirement.install_retirement(scheduler, manager)
 
     if start is None:
         start = config.parse_start(*config.setting("start"))

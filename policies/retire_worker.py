@@ -3,13 +3,13 @@
 The policy is distributed's, rewritten so that a retirement costs the scheduler
 little per cycle and cannot hang:
 
-- a key held only by the retiring worker is replicated once, to a worker chosen by
-  the manager (``candidates=None``: the least loaded running worker, ~O(log W)), and
-  remembered; later cycles do not ask again while the transfer is under way, unless
-  the recipient stopped running (paused, retiring, gone) or nothing arrived after
-  :data:`RESEND_AFTER` seconds. distributed asks again at every cycle, which costs
-  a suggestion per in-flight key per cycle and, once the first recipient has grown,
-  sends a second copy of the same key to another worker;
+- a key held only by the retiring worker is replicated to a worker chosen by the
+  manager (``candidates=None``: the least loaded running worker, ~O(log W) rather
+  than a scan of the cluster per key), and that recipient is remembered: later
+  cycles ask again, as distributed does (so that a recipient that lost the request
+  gets it back), but from the same worker while it runs. distributed lets the
+  manager choose afresh each cycle, which once the first recipient has grown sends
+  a second copy of the same key to another worker;
 - a key that already has replicas elsewhere is dropped from the retiring worker,
   to free its memory (and, if it spilled, its disk) as early as possible;
 - :class:`amm.retirement.Retirements` gives up after ``timeout`` seconds (config
@@ -31,19 +31,11 @@ import dask.config
 from dask.utils import parse_timedelta
 from distributed.active_memory_manager import RetireWorker as _DistributedRetireWorker
 from distributed.core import Status
-from distributed.metrics import time
 from distributed.scheduler import TaskState, WorkerState
 
 from amm.config import DEFAULTS, AMMConfigError
 from amm.logs import logger
 from amm.policy import ActiveMemoryManagerPolicy, Suggestion, SuggestionGenerator
-
-#: Ask again for a replica that has not arrived after this many seconds, from the
-#: same recipient if it is still running. A running recipient does not lose the
-#: request (its stream is reliable, and it retries failed fetches by itself); this
-#: only covers a recipient that gave up on the key, e.g. because it was told to
-#: forget it and the scheduler then needed it again.
-RESEND_AFTER = 20.0
 
 #: Values accepted by ``amm.retire.on-timeout``
 ON_TIMEOUT = ("abort", "close")
@@ -72,7 +64,9 @@ def parse_timeout(key: str, value: Any) -> float:
 
 def parse_on_timeout(key: str, value: Any) -> str:
     if value not in ON_TIMEOUT:
-        raise AMMConfigError(f"{key}={value!r}: must be one of " + ", ".join(ON_TIMEOUT))
+        raise AMMConfigError(
+            f"{key}={value!r}: must be one of " + ", ".join(ON_TIMEOUT)
+        )
     return value
 
 
@@ -134,8 +128,8 @@ class RetireWorker(ActiveMemoryManagerPolicy, _DistributedRetireWorker):
                 else ("on_timeout", on_timeout)
             )
         )
-        #: Unique keys asked to be replicated: the recipient and when it was asked
-        self._requested: dict[TaskState, tuple[WorkerState, float]] = {}
+        #: Unique keys asked to be replicated, and their recipient
+        self._requested: dict[TaskState, WorkerState] = {}
         self._announced = False
 
     def run(self) -> SuggestionGenerator:
@@ -160,7 +154,6 @@ class RetireWorker(ActiveMemoryManagerPolicy, _DistributedRetireWorker):
 
         running = scheduler.running
         requested = self._requested
-        now = time()
         # One set object for every drop: the manager checks a candidate set once
         # per cycle, by identity
         only_ws = frozenset((ws,))
@@ -193,25 +186,26 @@ class RetireWorker(ActiveMemoryManagerPolicy, _DistributedRetireWorker):
                     continue
 
             nrepl += 1
-            entry = requested.get(ts)
-            if entry is not None and entry[0] in running and now - entry[1] < RESEND_AFTER:
-                continue  # the transfer is under way
             pending = manager.pending.get(ts)
             if pending and pending[0]:
                 continue  # another policy already asked for a replica in this cycle
 
-            # Ask the same recipient again if it is still there: a second recipient
-            # would only mean a second transfer of the same data.
+            # Ask again at every cycle, as distributed does: a recipient that lost
+            # the request (it gave up on a fetch, or was told to forget the key)
+            # gets it back. But ask the same recipient while it is running: a
+            # second one would only mean a second transfer of the same data, and
+            # the worker ignores a request for a key it is already fetching.
+            previous = requested.get(ts)
             candidates = (
-                frozenset((entry[0],))
-                if entry is not None and entry[0] in running
+                frozenset((previous,))
+                if previous is not None and previous in running
                 else None
             )
             choice = yield Suggestion("replicate", ts, candidates)
             if choice is None and candidates is not None:
                 choice = yield Suggestion("replicate", ts)
             if choice is not None:
-                requested[ts] = (choice, now)
+                requested[ts] = choice
             elif ts.state == "memory" and ws in (ts.who_has or _EMPTY) and not (
                 ts.who_has & running  # type: ignore[operator]
             ):
@@ -232,7 +226,8 @@ class RetireWorker(ActiveMemoryManagerPolicy, _DistributedRetireWorker):
         elif nrepl:
             if not self._announced:
                 logger.info(
-                    f"Retiring worker {self.address}; {nrepl} keys are being moved away."
+                    f"Retiring worker {self.address}; {nrepl} keys are being moved "
+                    "away."
                 )
                 self._announced = True
             else:

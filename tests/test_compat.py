@@ -208,8 +208,10 @@ async def test_retire_workers_through_this_manager(c, s, a, b, start):
     assert a.address not in s.workers
     assert "x" in b.data
     if start:
-        # retire_workers used this manager rather than an ad hoc built-in one
-        assert [type(p) for p in seen_policies] == [DistributedRetireWorker]
+        # retire_workers used this manager rather than an ad hoc built-in one, and
+        # this project's RetireWorker, which is one of distributed's
+        assert [type(p) for p in seen_policies] == [amm.RetireWorker]
+        assert isinstance(seen_policies[0], DistributedRetireWorker)
     # RetireWorker removes itself at the first cycle after the worker is gone
     manager.run_once()
     assert not manager.policies

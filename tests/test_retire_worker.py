@@ -1,0 +1,485 @@
+"""Retiring workers on amm.RetireWorker (client.retire_workers, Scheduler.retire_workers,
+adaptive scale-down), the retirement timeout, and the restart of stuck paused workers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import pytest
+
+import dask.config
+from distributed import Client, LocalCluster, Nanny, wait
+from distributed.core import Status
+from distributed.utils_test import (
+    BlockedGatherDep,
+    captured_logger,
+    gen_cluster,
+    gen_test,
+)
+from distributed.worker_state_machine import AcquireReplicasEvent
+
+from amm import ActiveMemoryManager, AMMConfigError, RetireWorker
+from amm.retirement import (
+    PAUSED_RESTART_CALLBACK,
+    Retirements,
+    install_retirement,
+    uninstall_retirement,
+    validate_config,
+)
+from amm.testing import (
+    Recorder,
+    add_task,
+    add_worker,
+    apply_cycle,
+    new_scheduler,
+    set_status,
+)
+from conftest import amm_config
+
+AMM_LOGGER = "distributed.active_memory_manager"
+
+#: The installed manager stopped: retirements run on a temporary one, like
+#: distributed's, with the installed manager's interval
+STOPPED = amm_config(interval="50ms", policies=[])
+#: The installed manager running; "managed" makes the recipient choice predictable
+#: in a single-process cluster, where every worker reports the same process memory
+RUNNING = amm_config(start=True, interval="50ms", policies=[], measure="managed")
+
+
+def wire(s) -> Retirements:
+    """The plugin wires the retirement at install time; make sure it is, so that
+    these tests don't depend on the order in which things are integrated.
+    """
+    return install_retirement(s, s.extensions["amm"])
+
+
+def retire_events(s) -> list[dict]:
+    return [ev for _, ev in s.get_events("all") if ev.get("action") == "retire-workers"]
+
+
+async def pause(s, w) -> None:
+    w.status = Status.paused
+    while s.workers[w.address].status != Status.paused:
+        await asyncio.sleep(0.01)
+
+
+def retire_policies(s) -> list[RetireWorker]:
+    return [p for p in s.extensions["amm"].policies if isinstance(p, RetireWorker)]
+
+
+# -- wiring and config ---------------------------------------------------------------
+
+
+@gen_cluster(client=True, nthreads=[], config=STOPPED)
+async def test_install_replaces_retire_workers(c, s):
+    retirements = wire(s)
+    assert s.handlers["retire_workers"] == retirements.retire_workers
+    assert s.retire_workers == retirements.retire_workers
+    assert install_retirement(s, s.extensions["amm"]) is retirements  # idempotent
+    assert PAUSED_RESTART_CALLBACK not in s.periodic_callbacks  # off by default
+    uninstall_retirement(s)
+    assert s.retire_workers.__func__ is type(s).retire_workers
+    assert s.handlers["retire_workers"] == s.retire_workers
+    wire(s)
+
+
+@pytest.mark.parametrize(
+    "key,value",
+    [
+        ("amm.retire.timeout", "soon"),
+        ("amm.retire.timeout", 0),
+        ("amm.retire.on-timeout", "explode"),
+        ("amm.paused-restart.enabled", "maybe"),
+        ("amm.paused-restart.after", "-1s"),
+    ],
+)
+def test_invalid_config_fails_install(key, value):
+    s = new_scheduler()
+    handler = s.handlers["retire_workers"]
+    with dask.config.set({key: value}):
+        with pytest.raises(AMMConfigError, match=f"{key}={value!r}"):
+            install_retirement(s, None)
+        with pytest.raises(AMMConfigError):
+            validate_config()
+    assert s.handlers["retire_workers"] == handler
+    assert not isinstance(getattr(s.retire_workers, "__self__", None), Retirements)
+
+
+def test_policy_kwargs_override_config():
+    policy = RetireWorker("tcp://w", timeout="2s", on_timeout="close")
+    assert (policy.timeout, policy.on_timeout) == (2.0, "close")
+    with dask.config.set({"amm.retire.timeout": "5 minutes"}):
+        assert RetireWorker("tcp://w").timeout == 300
+    with pytest.raises(AMMConfigError, match="on_timeout='never'"):
+        RetireWorker("tcp://w", on_timeout="never")
+
+
+# -- the policy on a synthetic cluster -----------------------------------------------
+
+
+def test_unique_keys_stay_with_their_recipient():
+    """Every cycle asks again for the keys not moved yet (a recipient that lost the
+    request gets it back, as in distributed), but from the same recipient while it
+    runs: never a second transfer of the same data elsewhere.
+    """
+    s = new_scheduler()
+    rec = Recorder(s)
+    a = add_worker(s, "tcp://a:1")
+    b = add_worker(s, "tcp://b:1")
+    c = add_worker(s, "tcp://c:1")
+    for i in range(100):
+        add_task(s, f"x{i}", 1000, [a])
+    add_task(s, "y", 1000, [a, b])
+    set_status(s, a, Status.closing_gracefully)
+    policy = RetireWorker(a.address)
+    manager = ActiveMemoryManager(s, [policy], register=False, start=False)
+
+    manager.run_once()
+    sent = rec.pop()
+    acquired = {addr: keys for op, addr, keys in sent if op == "acquire-replicas"}
+    assert sorted(k for keys in acquired.values() for k in keys) == sorted(
+        f"x{i}" for i in range(100)
+    )
+    assert ("remove-replicas", a.address, ["y"]) in sent  # already elsewhere
+    assert not policy.done()
+
+    manager.run_once()
+    again = {addr: keys for op, addr, keys in rec.pop() if op == "acquire-replicas"}
+    assert again == acquired  # same keys, same recipients
+
+    # b dies before its transfers complete: its keys go to c
+    set_status(s, b, Status.closed)
+    manager.run_once()
+    sent = rec.pop()
+    assert [(op, addr) for op, addr, _ in sent] == [("acquire-replicas", c.address)]
+    assert sorted(sent[0][2]) == sorted(acquired[b.address] + acquired[c.address])
+
+    apply_cycle(s, sent + [("acquire-replicas", c.address, acquired[c.address])])
+    assert policy.done()
+    manager.run_once()
+    sent = rec.pop()
+    assert [(op, addr) for op, addr, _ in sent] == [("remove-replicas", a.address)]
+    assert len(sent[0][2]) == 100
+    assert policy not in manager.policies
+
+
+# -- retire_workers on real clusters -------------------------------------------------
+
+
+@gen_cluster(client=True, nthreads=[("", 1)] * 3, config=STOPPED)
+async def test_retire_moves_unique_keys(c, s, a, b, w3):
+    wire(s)
+    data = {f"x{i}": i for i in range(20)}
+    futures = await c.scatter(data, workers=[a.address])
+    out = await c.retire_workers([a.address])
+    assert list(out) == [a.address]
+    assert a.address not in s.workers
+    # every key moved once (scattered data can't have been recomputed)
+    assert sorted(list(b.data) + list(w3.data)) == sorted(data)
+    assert await c.gather(futures) == data
+    (event,) = retire_events(s)
+    assert event["retired"] == [a.address]
+    assert event["could-not-retire"] == []
+    assert event["timed-out"] == []  # our retire_workers ran, not distributed's
+
+
+@gen_cluster(client=True, config=RUNNING)
+async def test_retire_drops_replicated_keys(c, s, a, b):
+    """Keys already on another worker are dropped from the retiring one, not copied"""
+    wire(s)
+    x = await c.scatter({"x": 1}, broadcast=True)
+    y = await c.scatter({"y": 2}, workers=[a.address])
+    out = await c.retire_workers([a.address], close_workers=False, remove=False)
+    assert list(out) == [a.address]
+    assert s.workers[a.address].status == Status.closing_gracefully
+    while a.data or retire_policies(s):
+        await asyncio.sleep(0.01)
+    assert set(b.data) == {"x", "y"}
+    acquired = {
+        key
+        for ev in b.state.stimulus_log
+        if isinstance(ev, AcquireReplicasEvent)
+        for key in ev.who_has
+    }
+    assert acquired == {"y"}
+    assert await c.gather([x["x"], y["y"]]) == [1, 2]
+
+
+@gen_cluster(client=True, nthreads=[("", 1)] * 5, config=STOPPED)
+async def test_retire_several_at_once(c, s, *workers):
+    wire(s)
+    data = {f"x{i}": i for i in range(50)}
+    futures = await c.scatter(data)
+    shared = await c.scatter(  # only on workers being retired
+        {"shared": -1}, workers=[workers[0].address, workers[1].address], broadcast=True
+    )
+    assert len(s.tasks["shared"].who_has) == 2
+    out = await c.retire_workers([w.address for w in workers[:-1]])
+    assert set(out) == {w.address for w in workers[:-1]}
+    assert set(s.workers) == {workers[-1].address}
+    assert set(workers[-1].data) == set(data) | {"shared"}
+    assert await c.gather(futures) == data
+    assert await c.gather(shared) == {"shared": -1}
+
+
+@gen_cluster(client=True, nthreads=[("", 1)] * 4, config=STOPPED)
+async def test_retire_all_workers_no_recipients(c, s, w1, w2, w3, w4):
+    """As distributed: a worker without data retires; one with unique data can't;
+    of two holding the same key, one retires.
+    """
+    wire(s)
+    x = await c.scatter({"x": "x"}, workers=[w2.address])  # noqa: F841
+    y = await c.scatter(  # noqa: F841
+        {"y": "y"}, workers=[w3.address, w4.address], broadcast=True
+    )
+    with captured_logger(AMM_LOGGER, logging.WARNING) as log:
+        out = await c.retire_workers([w1.address, w2.address, w3.address, w4.address])
+    assert set(out) in ({w1.address, w3.address}, {w1.address, w4.address})
+    assert set(s.workers) in ({w2.address, w3.address}, {w2.address, w4.address})
+    assert "no suitable workers to receive them" in log.getvalue()
+    (event,) = retire_events(s)
+    assert w2.address in event["could-not-retire"]
+    assert event["timed-out"] == []
+    # back to running after a scheduler -> worker -> scheduler round trip
+    while any(ws.status != Status.running for ws in s.workers.values()):
+        await asyncio.sleep(0.01)
+    assert await c.submit(lambda: 2, key="z") == 2
+
+
+@gen_cluster(client=True, config=STOPPED)
+async def test_retire_all_recipients_paused(c, s, a, b):
+    """Gives up at once rather than at the timeout (60s, longer than the test's)"""
+    wire(s)
+    await pause(s, b)
+    x = await c.scatter({"x": 1}, workers=[a.address])
+    assert await c.retire_workers([a.address]) == {}
+    assert set(s.workers) == {a.address, b.address}
+    while s.workers[a.address].status != Status.running:
+        await asyncio.sleep(0.01)
+    assert await c.gather(x) == {"x": 1}
+
+
+@gen_cluster(client=True, config=RUNNING)
+async def test_retire_survives_dying_recipient(c, s, w1, w2):
+    """The chosen recipient hangs: the key is asked for again at every cycle, from
+    that same recipient; once it leaves, from the next one.
+    """
+    wire(s)
+    x = c.submit(lambda: 123, key="x", workers=[w1.address])
+    await wait(x)
+    clutter = await c.scatter(456, workers=[w2.address])  # w3 will be the lowest
+    manager = s.extensions["amm"]
+    async with BlockedGatherDep(s.address) as w3:
+        await c.wait_for_workers(3)
+        retiring = asyncio.create_task(c.retire_workers([w1.address]))
+        await w3.in_gather_dep.wait()
+        assert len(retire_policies(s)) == 1  # this project's policy, not distributed's
+        cycles = manager.stats.cycles
+        while manager.stats.cycles < cycles + 5:
+            await asyncio.sleep(0.01)
+        while (
+            sum(isinstance(ev, AcquireReplicasEvent) for ev in w3.state.stimulus_log)
+            < 3
+        ):
+            await asyncio.sleep(0.01)
+        assert not retiring.done()
+    await retiring
+    assert w1.address not in s.workers
+    assert w3.address not in s.workers
+    assert dict(w2.data) == {"x": 123, clutter.key: 456}
+    assert not retire_policies(s)
+
+
+TIMEOUT = {**RUNNING, "amm.retire.timeout": "500ms"}
+
+
+@gen_cluster(client=True, nthreads=[("", 1)], config=TIMEOUT)
+async def test_retire_timeout_aborts(c, s, a):
+    """The only recipient never completes the transfer: the retirement is abandoned
+    and the worker keeps its data and goes back to running.
+    """
+    wire(s)
+    x = await c.scatter({"x": 1}, workers=[a.address])
+    async with BlockedGatherDep(s.address) as b:
+        await c.wait_for_workers(2)
+        with captured_logger(AMM_LOGGER, logging.WARNING) as log:
+            out = await c.retire_workers([a.address])
+        assert out == {}
+        assert "within 0.5s (amm.retire.timeout)" in log.getvalue()
+        assert not retire_policies(s)
+        (event,) = retire_events(s)
+        assert event["could-not-retire"] == event["timed-out"] == [a.address]
+        assert a.address in s.workers
+        while s.workers[a.address].status != Status.running:
+            await asyncio.sleep(0.01)
+        assert "x" in a.data
+        b.block_gather_dep.set()
+    assert await c.gather(x) == {"x": 1}
+
+
+@gen_cluster(
+    client=True, nthreads=[("", 1)], config={**TIMEOUT, "amm.retire.on-timeout": "close"}
+)
+async def test_retire_timeout_closes(c, s, a):
+    wire(s)
+    x = await c.scatter({"x": 1}, workers=[a.address])  # noqa: F841
+    async with BlockedGatherDep(s.address) as b:
+        await c.wait_for_workers(2)
+        with captured_logger(AMM_LOGGER, logging.WARNING) as log:
+            out = await c.retire_workers([a.address])
+        assert list(out) == [a.address]
+        assert a.address not in s.workers
+        assert "1 keys held only by it are lost: ['x']" in log.getvalue()
+        (event,) = retire_events(s)
+        assert event["retired"] == event["timed-out"] == [a.address]
+        assert not retire_policies(s)
+        b.block_gather_dep.set()
+
+
+class Counter:
+    n = 0
+
+    def increment(self):
+        self.n += 1
+        return self.n
+
+
+@gen_cluster(client=True, config=STOPPED)
+async def test_retire_actors(c, s, a, b):
+    """A worker with an actor can't retire; one with only a proxy can"""
+    wire(s)
+    x = c.submit(Counter, key="x", actor=True, workers=[a.address])
+    y = c.submit(lambda cnt: cnt.increment().result(), x, key="y", workers=[b.address])
+    await wait([x, y])
+    assert "x" in b.data  # the proxy
+    with captured_logger(AMM_LOGGER, logging.WARNING) as log:
+        assert await c.retire_workers([a.address]) == {}
+    assert "it holds actor(s)" in log.getvalue()
+    assert "x" in a.state.actors
+    while s.workers[a.address].status != Status.running:
+        await asyncio.sleep(0.01)
+    out = await c.retire_workers([b.address])
+    assert list(out) == [b.address]
+    assert "x" in a.state.actors
+    assert "y" in a.data
+
+
+@gen_cluster(client=True, config=STOPPED)
+async def test_scheduler_retire_workers_to_close(c, s, a, b):
+    """In-process callers of Scheduler.retire_workers, through workers_to_close"""
+    wire(s)
+    small = await c.scatter({"small": 1}, workers=[a.address])
+    big = await c.scatter({"big": "x" * 100_000}, workers=[b.address])
+    out = await s.retire_workers(n=1)
+    assert list(out) == [a.address]
+    assert set(b.data) == {"small", "big"}
+    assert await c.gather(small) == {"small": 1}
+    assert len(await c.gather(big)) == 1
+
+
+@gen_test(timeout=60)
+async def test_adaptive_scale_down():
+    """distributed.deploy.Adaptive retires idle workers through the RPC handler,
+    by name, without losing their data
+    """
+    with dask.config.set(STOPPED):
+        async with LocalCluster(
+            n_workers=3,
+            processes=False,
+            asynchronous=True,
+            protocol="tcp",
+            host="127.0.0.1",
+            dashboard_address=":0",
+        ) as cluster:
+            s = cluster.scheduler
+            assert isinstance(s.extensions["amm"], ActiveMemoryManager)
+            wire(s)
+            async with Client(cluster, asynchronous=True) as c:
+                data = list(range(30))
+                futures = await c.scatter(data)
+                assert len({ws for f in futures for ws in s.tasks[f.key].who_has}) == 3
+                adaptive = cluster.adapt(
+                    minimum=1, maximum=3, interval="50ms", wait_count=1
+                )
+                while len(s.workers) > 1:
+                    await asyncio.sleep(0.05)
+                adaptive.stop()
+                assert await c.gather(futures) == data
+                events = retire_events(s)
+                assert events and all("timed-out" in ev for ev in events)
+                assert sum(len(ev["retired"]) for ev in events) == 2
+
+
+# -- restarting stuck paused workers --------------------------------------------------
+
+
+def events(s, action: str) -> list[dict]:
+    return [ev for _, ev in s.get_events("all") if ev.get("action") == action]
+
+
+#: Pauses a worker for good (memory.pause is off). A lambda is pickled by value, so
+#: the nannies' worker processes needn't import this test module.
+PAUSE = lambda dask_worker: setattr(dask_worker, "status", Status.paused)  # noqa: E731
+
+
+PAUSED_RESTART = {
+    **STOPPED,
+    "amm.paused-restart.enabled": True,
+    "amm.paused-restart.after": "200ms",
+}
+
+
+@gen_cluster(client=True, Worker=Nanny, nthreads=[("", 1)] * 2, config=PAUSED_RESTART)
+async def test_paused_worker_is_restarted_without_losing_data(c, s, a, b):
+    wire(s)
+    assert PAUSED_RESTART_CALLBACK in s.periodic_callbacks
+    nannies = {ws.nanny for ws in s.workers.values()}
+    old = a.worker_address
+    data = {f"x{i}": i for i in range(10)}
+    futures = await c.scatter(data, workers=[old])
+    # memory.pause is off: the worker stays paused until something restarts it
+    await c.run(PAUSE, workers=[old])
+    while old in s.workers or len(s.workers) < 2:
+        await asyncio.sleep(0.05)
+    # same nannies, a new worker process
+    assert {ws.nanny for ws in s.workers.values()} == nannies
+    assert all(ws.status == Status.running for ws in s.workers.values())
+    # scattered data can't be recomputed: it all moved before the restart
+    assert await c.gather(futures) == data
+    assert [ev["workers"] for ev in events(s, "restart-workers")] == [[old]]
+
+
+@gen_cluster(client=True, Worker=Nanny, nthreads=[("", 1)], config=PAUSED_RESTART)
+async def test_paused_worker_not_restarted_if_data_cant_move(c, s, a):
+    wire(s)
+    addr = a.worker_address
+    futures = await c.scatter({"x": 1}, workers=[addr])
+    with captured_logger(AMM_LOGGER, logging.WARNING) as log:
+        await c.run(PAUSE, workers=[addr])
+        while "was not restarted" not in log.getvalue():
+            await asyncio.sleep(0.05)
+    assert list(s.workers) == [addr]
+    assert not events(s, "restart-workers")
+    # back to paused, to be tried again later
+    while s.workers[addr].status != Status.paused:
+        await asyncio.sleep(0.01)
+    assert await c.gather(futures) == {"x": 1}
+
+
+@gen_cluster(client=True, config=PAUSED_RESTART)
+async def test_paused_worker_without_nanny_is_only_logged(c, s, a, b):
+    wire(s)
+    x = await c.scatter({"x": 1}, workers=[a.address])
+    with captured_logger(AMM_LOGGER, logging.WARNING) as log:
+        await pause(s, a)
+        while "has no nanny" not in log.getvalue():
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.3)  # more checks: logged once per pause
+    assert log.getvalue().count("has no nanny") == 1
+    assert set(s.workers) == {a.address, b.address}
+    assert s.workers[a.address].status == Status.paused
+    assert "x" in a.data
+    assert not retire_events(s)
+    assert await c.gather(x) == {"x": 1}
