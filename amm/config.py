@@ -66,6 +66,17 @@ def setting(name: str) -> tuple[str, Any]:
     return ours_key, ours
 
 
+def distributed_section_customized() -> bool:
+    """Whether the user configured distributed's own AMM section: a deployment set
+    up for distributed's manager, whose semantics it then expects where the two
+    managers differ (see ``amm.replicate.serve-client-replicate``).
+    """
+    return any(
+        dask.config.get(f"{DISTRIBUTED_SECTION}.{name}", default=default) != default
+        for name, default in _DISTRIBUTED_DEFAULTS.items()
+    )
+
+
 def parse_bool(key: str, value: Any) -> bool:
     if isinstance(value, bool):
         return value

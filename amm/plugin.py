@@ -19,7 +19,7 @@ from distributed.scheduler import Scheduler
 
 from dask.typing import Key
 
-from amm import config, retirement
+from amm import config, replication, retirement
 from amm.eager import EagerReduction
 from amm.logs import logger
 from amm.manager import ActiveMemoryManager
@@ -81,8 +81,18 @@ def install(scheduler: Scheduler, **overrides: Any) -> ActiveMemoryManager:
         return current
 
     start = overrides.pop("start", None)
+    if start is None:
+        start = config.parse_start(*config.setting("start"))
     manager = ActiveMemoryManager(scheduler, start=False, **overrides)
-    retirement.validate_config()
+    # retire_workers() and adaptive scale-down run this project's RetireWorker;
+    # Client.replicate() and scatter(broadcast=True) keep their copies (ReplicateN).
+    # Both validate their config before changing anything.
+    retirement.install_retirement(scheduler, manager)
+    try:
+        replication.install_replication(scheduler, manager)
+    except Exception:
+        retirement.uninstall_retirement(scheduler)
+        raise
 
     if current is not None:
         was_running = current.running
@@ -98,11 +108,7 @@ def install(scheduler: Scheduler, **overrides: Any) -> ActiveMemoryManager:
             "running" if was_running else "stopped",
         )
     scheduler.extensions["amm"] = manager
-    # retire_workers() and adaptive scale-down run this project's RetireWorker
-    retirement.install_retirement(scheduler, manager)
 
-    if start is None:
-        start = config.parse_start(*config.setting("start"))
     if start:
         manager.start()
     logger.info(

@@ -20,7 +20,7 @@ installed.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from dask.base import is_dask_collection
@@ -33,13 +33,23 @@ from distributed.scheduler import Scheduler
 from amm import config
 from amm.logs import logger
 from amm.manager import ActiveMemoryManager
-from amm.policies.replicate_n import ALL, ReplicateN, parse_n, replicate_setting
+from amm.policies.replicate_n import (
+    ALL,
+    ReplicateN,
+    parse_n,
+    replicate_setting,
+    validate,
+)
 
 __all__ = ["Replication", "ReplicationClient", "install_replication"]
 
 #: Seconds between two checks of a caller waiting for its copies. Also the shortest
 #: time between two cycles that waiting callers trigger, whatever their number.
 POLL = 0.05
+
+#: Seconds the scheduler waits for the tasks of a client's futures to arrive, see
+#: :meth:`Replication.replicate_keys`
+GRACE = 2.0
 
 
 def install_replication(scheduler: Scheduler, manager: ActiveMemoryManager) -> Replication:
@@ -60,7 +70,11 @@ def install_replication(scheduler: Scheduler, manager: ActiveMemoryManager) -> R
     current = getattr(scheduler.handlers.get("amm_replicated"), "__self__", None)
     if isinstance(current, Replication) and current.manager is manager:
         return current
-    serve = config.parse_start(*replicate_setting("serve-client-replicate"))
+    key, serve = replicate_setting("serve-client-replicate")
+    if serve == "auto":
+        serve = not config.distributed_section_customized()
+    else:
+        serve = config.parse_bool(key, serve)
     replication = Replication(scheduler, manager)  # validates amm.replicate.*
     if replication.current() is None and replication.spare.configured:
         replication.policy()
@@ -118,16 +132,27 @@ class Replication:
 
     # -- handlers of ReplicationClient -------------------------------------------
 
-    def replicate_keys(
-        self, keys: Iterable[Key], n: Any, workers: Iterable[str] | None = None
+    async def replicate_keys(
+        self,
+        keys: Iterable[Key],
+        n: Any,
+        workers: Iterable[str] | None = None,
+        grace: float = 0,
     ) -> None:
         """Handler ``amm_replicate``: keep ``n`` replicas of ``keys`` (n=1: stop).
         Returns at once; a cycle starts right away to make the first copies.
+
+        ``grace``: seconds to wait for unknown keys to appear before failing. A
+        client sends its futures' tasks on another connection than this request, so
+        a future submitted just before may not have reached the scheduler yet.
         """
-        policy = self.policy()
+        keys = list(keys)
         addresses = self._resolve_workers(workers)
-        policy.set(keys, n, addresses)
-        if n != 1:
+        tasks = self.scheduler.tasks
+        deadline = time() + grace
+        while time() < deadline and not all(k in tasks for k in keys):
+            await asyncio.sleep(0.01)
+        if self._set(keys, n, addresses) != 1:
             self.kick(force=True)
 
     def tracked(self) -> list[dict[str, Any]]:
@@ -164,7 +189,6 @@ class Replication:
                 f"branching_factor={branching_factor!r}: must be an integer > 0"
             )
         n = parse_n("n", ALL if n is None else n, ValueError)
-        policy = self.policy()
         keys = list(keys)
         addresses = self._resolve_workers(workers)
         # distributed raises when there is nowhere to replicate to
@@ -182,8 +206,7 @@ class Replication:
         if missing:
             return {"status": "partial-fail", "keys": missing}
 
-        policy.set(keys, n, addresses)  # validates everything before tracking
-        if n != 1:
+        if self._set(keys, n, addresses) != 1:
             await self.wait(keys)
         return None
 
@@ -260,6 +283,18 @@ class Replication:
 
     # -- internals -----------------------------------------------------------------
 
+    def _set(self, keys: list[Key], n: Any, addresses: frozenset[str] | None) -> Any:
+        """Validate, then hand the request to the policy (adding it if needed).
+        On error nothing changes, not even the list of policies. Returns n parsed.
+        """
+        current = self.current()
+        known = current.tracked_keys() if current is not None else frozenset()
+        n, keys, _ = validate(self.scheduler.tasks, keys, n, known)
+        if n == 1 and current is None:
+            return n  # nothing tracked: nothing to undo
+        (current or self.policy()).set(keys, n, addresses)
+        return n
+
     def _resolve_workers(self, workers: Iterable[str] | None) -> frozenset[str] | None:
         """Worker addresses from addresses, names or host names (as distributed's
         ``workers=``); an unknown one raises ValueError naming it.
@@ -327,11 +362,14 @@ class ReplicationClient:
         """Keep ``n`` replicas of each key (``"all"``: one on every running worker),
         on ``workers`` only if given (addresses, names or host names).
         """
+        if isinstance(futures, Iterator):
+            futures = list(futures)  # read twice below
         return self._client.sync(
             self._client.scheduler.amm_replicate,
             keys=keys_of(futures),
             n=n,
             workers=None if workers is None else list(workers),
+            grace=GRACE if _has_futures(futures) else 0,
         )
 
     def unreplicate(self, futures: Any) -> Any:
@@ -356,6 +394,16 @@ class ReplicationClient:
                 entry["workers"] = list(entry["workers"])
             out.append(entry)
         return out
+
+
+def _has_futures(futures: Any) -> bool:
+    if isinstance(futures, Future) or is_dask_collection(futures):
+        return True
+    if isinstance(futures, dict):
+        futures = futures.values()
+    if isinstance(futures, (list, set, frozenset)):
+        return any(_has_futures(f) for f in futures)
+    return False
 
 
 def keys_of(futures: Any) -> list[Key]:

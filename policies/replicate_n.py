@@ -131,6 +131,37 @@ def parse_retry_after(where: str, value: Any) -> float:
     return float(seconds)
 
 
+def validate(
+    tasks: Mapping[Key, TaskState],
+    keys: Iterable[Key],
+    n: Any,
+    tracked: Set[Key] = frozenset(),
+) -> tuple[Replicas, list[Key], list[TaskState]]:
+    """Check a replication request against the scheduler's ``tasks``, raising a
+    ValueError that names the first bad key or value. Returns ``n`` parsed, the
+    keys without duplicates, and the tasks found. Setting n=1 on a key that is gone
+    is fine if it is among ``tracked`` (there is nothing left to undo).
+    """
+    n = parse_n("n", n, ValueError)
+    keys = list(dict.fromkeys(keys))
+    found: list[TaskState] = []
+    for key in keys:
+        ts = tasks.get(key)
+        if ts is None:
+            if n == 1 and key in tracked:
+                continue
+            raise ValueError(f"Cannot replicate key {key!r}: unknown to the scheduler")
+        if n != 1 and ts.state in GONE:
+            raise ValueError(
+                f"Cannot replicate key {key!r}: it is {ts.state}"
+                + (" (failed)" if ts.state == "erred" else " (no client wants it)")
+            )
+        if n != 1 and ts.actor:
+            raise ValueError(f"Cannot replicate key {key!r}: it is an actor")
+        found.append(ts)
+    return n, keys, found
+
+
 @dataclass(eq=False)
 class Target:
     """What is wanted of one tracked key"""
@@ -246,44 +277,33 @@ class ReplicateN(ActiveMemoryManagerPolicy):
         changes: on error nothing is tracked and a ValueError names the culprit.
         Returns the keys, in order and without duplicates.
         """
-        n = parse_n("n", n, ValueError)
-        keys = list(dict.fromkeys(keys))
         tasks = self.manager.scheduler.tasks
-        found: list[TaskState] = []
-        for key in keys:
-            ts = tasks.get(key)
-            if ts is None:
-                if n == 1 and (key in self._tracked or key in self.configured):
-                    continue  # released already: untracking it is harmless
-                raise ValueError(f"Cannot replicate key {key!r}: unknown to the scheduler")
-            if n != 1 and ts.state in GONE:
-                raise ValueError(
-                    f"Cannot replicate key {key!r}: it is {ts.state}"
-                    + (" (failed)" if ts.state == "erred" else " (no client wants it)")
-                )
-            if n != 1 and ts.actor:
-                raise ValueError(f"Cannot replicate key {key!r}: it is an actor")
-            found.append(ts)
+        n, keys, found = validate(tasks, keys, n, self.tracked_keys())
 
         if n == 1:
             for key in keys:
                 self._untrack(key)
                 # an explicit request beats the config for the rest of this run
                 self.configured.pop(key, None)
-            logger.info("ReplicateN: no longer replicating %d keys", len(keys))
+            logger.debug("ReplicateN: no longer replicating %d keys", len(keys))
             return keys
 
         for ts in found:
             old = self._tracked.get(ts.key)
             inflight = old.inflight if old is not None and old.ts is ts else {}
             self._tracked[ts.key] = Target(ts, n, workers, "api", inflight)
-        logger.info(
+        # DEBUG: scatter(broadcast=True) in a loop would flood INFO
+        logger.debug(
             "ReplicateN: keeping %s replicas of %d keys%s",
             n,
             len(keys),
             f" on {len(workers)} workers" if workers is not None else "",
         )
         return keys
+
+    def tracked_keys(self) -> Set[Key]:
+        """The keys tracked, or configured, now"""
+        return self._tracked.keys() | self.configured.keys()
 
     def tracked(self) -> list[dict[str, Any]]:
         """What is tracked: one dict per key, with the target ``n``, the
@@ -300,7 +320,9 @@ class ReplicateN(ActiveMemoryManagerPolicy):
                 {
                     "key": key,
                     "n": target.n,
-                    "workers": sorted(target.workers) if target.workers else None,
+                    "workers": (
+                        sorted(target.workers) if target.workers is not None else None
+                    ),
                     "replicas": have,
                     "state": target.ts.state,
                     "source": target.source,

@@ -18,6 +18,9 @@ def amm_config(**settings: Any) -> dict[str, Any]:
         "amm.start": False,
         # tests pause workers by hand by setting Worker.status
         "distributed.worker.memory.pause": False,
+        # tests use scatter(broadcast=True) to make replicas for policies to drop;
+        # tests of ReplicateN turn this back on
+        "amm.replicate.serve-client-replicate": False,
     }
     config.update({f"amm.{k}": v for k, v in settings.items()})
     return config

@@ -13,6 +13,7 @@ import dask.config
 from distributed import Client, LocalCluster, Nanny, wait
 from distributed.core import Status
 from distributed.utils_test import (
+    async_poll_for,
     BlockedGatherDep,
     captured_logger,
     gen_cluster,
@@ -445,7 +446,9 @@ async def test_paused_worker_is_restarted_without_losing_data(c, s, a, b):
         await asyncio.sleep(0.05)
     # same nannies, a new worker process
     assert {ws.nanny for ws in s.workers.values()} == nannies
-    assert all(ws.status == Status.running for ws in s.workers.values())
+    await async_poll_for(
+        lambda: all(ws.status == Status.running for ws in s.workers.values()), timeout=10
+    )
     # scattered data can't be recomputed: it all moved before the restart
     assert await c.gather(futures) == data
     assert [ev["workers"] for ev in events(s, "restart-workers")] == [[old]]

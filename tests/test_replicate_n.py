@@ -1,0 +1,532 @@
+"""ReplicateN and the replication API, on real clusters and synthetic states"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+import dask.config
+from distributed import Event, Worker
+from distributed.utils_test import async_poll_for, gen_cluster, inc
+
+from amm import (
+    ActiveMemoryManager,
+    ActiveMemoryManagerPolicy,
+    AMMConfigError,
+    ReduceReplicas,
+    ReplicateN,
+)
+from amm.replication import Replication, ReplicationClient, install_replication, keys_of
+from amm.testing import Recorder, add_task, add_worker, apply_cycle, new_scheduler
+from conftest import amm_config
+from helpers import demo
+
+#: A running manager with a short interval: what users get, only faster
+RUNNING = {"start": True, "interval": "50ms"}
+
+
+def config(serve: bool = True, **settings):
+    """amm_config, with Client.replicate and scatter(broadcast=True) served by
+    ReplicateN (or not) whatever the other tests' defaults are
+    """
+    out = amm_config(**settings)
+    out.pop("amm.replicate.serve-client-replicate", None)
+    out["amm.replicate.serve-client-replicate"] = serve  # last: wins over a mapping
+    return out
+
+
+def replication(s) -> Replication:
+    """The replication of scheduler ``s``, installed here if amm.plugin.install
+    does not do it (yet)
+    """
+    handler = s.handlers.get("amm_replicated")
+    if handler is None:
+        return install_replication(s, s.extensions["amm"])
+    return handler.__self__
+
+
+def holders(s, key) -> set[str]:
+    ts = s.tasks.get(key)
+    return {ws.address for ws in ts.who_has or ()} if ts else set()
+
+
+async def cycles(s, n: int) -> None:
+    """Wait until the running manager did ``n`` more cycles"""
+    m = s.extensions["amm"]
+    target = m.stats.cycles + n
+    await async_poll_for(lambda: m.stats.cycles >= target, timeout=10)
+
+
+# -- reaching and keeping n ------------------------------------------------------
+
+
+@pytest.mark.parametrize("n", [2, 3])
+@gen_cluster(client=True, nthreads=[("", 1)] * 4, config=config(**RUNNING))
+async def test_reaches_n_and_keeps_it(c, s, *workers, n):
+    """ReduceReplicas runs every cycle and does not drop the tracked replicas"""
+    replication(s)
+    x = c.submit(inc, 1, key="x")
+    await x
+    rep = ReplicationClient(c)
+    assert await rep.replicate(x, n) is None  # returns at once
+    await async_poll_for(lambda: len(holders(s, "x")) == n, timeout=5)
+    await cycles(s, 5)
+    assert len(holders(s, "x")) == n
+    assert await rep.tracked() == [
+        {"key": "x", "n": n, "workers": None, "replicas": n, "state": "memory", "source": "api"}
+    ]
+
+
+@gen_cluster(client=True, nthreads=[("", 1)] * 4, config=config(**RUNNING))
+async def test_client_replicate_is_kept(c, s, *workers):
+    """dask/distributed#8796: Client.replicate's copies used to be dropped by
+    ReduceReplicas at the next cycle
+    """
+    replication(s)
+    x = c.submit(inc, 1, key="x")
+    await x
+    await c.replicate([x], n=3)
+    assert len(holders(s, "x")) == 3  # returned once the copies exist
+    await cycles(s, 5)
+    assert len(holders(s, "x")) == 3
+    # n=None means every worker, as in distributed
+    await c.replicate([x])
+    assert len(holders(s, "x")) == 4
+    await cycles(s, 3)
+    assert len(holders(s, "x")) == 4
+    # n=1 goes back to ReduceReplicas' rule
+    await c.replicate([x], n=1)
+    await async_poll_for(lambda: len(holders(s, "x")) == 1, timeout=5)
+    assert await ReplicationClient(c).tracked() == []
+
+
+@gen_cluster(client=True, nthreads=[("", 1)] * 3, config=config(**RUNNING))
+async def test_scatter_broadcast_is_kept_and_reaches_new_workers(c, s, *workers):
+    replication(s)
+    y = await c.scatter({"y": 123}, broadcast=True)  # noqa: F841
+    assert len(holders(s, "y")) == 3
+    await cycles(s, 5)
+    assert len(holders(s, "y")) == 3
+    (entry,) = await ReplicationClient(c).tracked()
+    assert entry["n"] == "all"
+    async with Worker(s.address, nthreads=1) as w:
+        await async_poll_for(lambda: w.address in holders(s, "y"), timeout=5)
+        assert "y" in w.data
+        assert len(holders(s, "y")) == 4
+
+
+@gen_cluster(client=True, nthreads=[("", 1)] * 4, config=config(**RUNNING))
+async def test_scatter_broadcast_direct(c, s, *workers):
+    """scatter(direct=True, broadcast=True) goes through Client._replicate"""
+    replication(s)
+    y = await c.scatter({"y": 1}, broadcast=True, direct=True)  # noqa: F841
+    assert len(holders(s, "y")) == 4
+    await cycles(s, 5)
+    assert len(holders(s, "y")) == 4
+
+
+@gen_cluster(client=True, nthreads=[("", 1)] * 4, config=config(**RUNNING))
+async def test_workers_restriction(c, s, a, b, d, e):
+    """n counts, and replicas go to, the given workers only, as in distributed"""
+    replication(s)
+    x = await c.scatter({"x": 1}, workers=[a.address])
+    await c.replicate(list(x.values()), n=2, workers=[b.address, d.address])
+    assert holders(s, "x") >= {b.address, d.address}
+    assert e.address not in holders(s, "x")
+    await cycles(s, 5)
+    # a's copy is outside the workers: ReduceReplicas may drop it, not the others
+    assert holders(s, "x") >= {b.address, d.address}
+    assert e.address not in holders(s, "x")
+
+
+# -- worker loss -----------------------------------------------------------------
+
+
+@gen_cluster(client=True, nthreads=[("", 1)] * 4, config=config(**RUNNING))
+async def test_copy_lost_with_a_worker_is_recreated(c, s, *workers):
+    replication(s)
+    x = c.submit(inc, 1, key="x")
+    await x
+    await c.replicate([x], n=3)
+    victim = next(w for w in workers if "x" in w.data)
+    await victim.close()
+    await async_poll_for(lambda: len(holders(s, "x")) == 3, timeout=5)
+    assert victim.address not in holders(s, "x")
+    await cycles(s, 3)
+    assert len(holders(s, "x")) == 3
+
+
+@gen_cluster(client=True, nthreads=[("", 1)] * 3, config=config(**RUNNING))
+async def test_copy_on_a_retired_worker_is_recreated(c, s, *workers):
+    replication(s)
+    x = c.submit(inc, 1, key="x")
+    await x
+    await ReplicationClient(c).replicate(x, 2)
+    await async_poll_for(lambda: len(holders(s, "x")) == 2, timeout=5)
+    victim = next(w for w in workers if "x" in w.data)
+    await c.retire_workers([victim.address])
+    await async_poll_for(lambda: len(holders(s, "x")) == 2, timeout=5)
+    assert victim.address not in holders(s, "x")
+    assert await x == 2
+
+
+# -- leaving the policy ------------------------------------------------------------
+
+
+@gen_cluster(client=True, config=config(**RUNNING))
+async def test_released_keys_leave(c, s, a, b):
+    replication(s)
+    rep = ReplicationClient(c)
+    x = c.submit(inc, 1, key="x")
+    await rep.replicate(x, 2)
+    await async_poll_for(lambda: len(holders(s, "x")) == 2, timeout=5)
+    x.release()
+    await async_poll_for(lambda: "x" not in s.tasks, timeout=5)
+    await cycles(s, 1)
+    assert replication(s).current()._tracked == {}
+    assert await rep.tracked() == []
+    # a new task under the same key is another task: not tracked
+    x = c.submit(inc, 1, key="x")
+    await x
+    await cycles(s, 2)
+    assert len(holders(s, "x")) == 1
+
+
+@gen_cluster(client=True, nthreads=[("", 1)] * 3, config=config(**RUNNING))
+async def test_unreplicate(c, s, *workers):
+    replication(s)
+    rep = ReplicationClient(c)
+    x = c.submit(inc, 1, key="x")
+    await rep.replicate(x, "all")
+    await async_poll_for(lambda: len(holders(s, "x")) == 3, timeout=5)
+    await rep.unreplicate(x)
+    assert await rep.tracked() == []
+    await async_poll_for(lambda: len(holders(s, "x")) == 1, timeout=5)
+
+
+@gen_cluster(client=True, config=config(**RUNNING))
+async def test_key_not_in_memory_yet(c, s, a, b):
+    replication(s)
+    ev = Event()
+    x = c.submit(lambda ev: ev.wait() or 1, ev, key="x")
+    await async_poll_for(lambda: "x" in s.tasks, timeout=5)
+    await ReplicationClient(c).replicate(x, 2)
+    (entry,) = await ReplicationClient(c).tracked()
+    assert entry["state"] != "memory"
+    assert entry["replicas"] == 0
+    await ev.set()
+    await async_poll_for(lambda: len(holders(s, "x")) == 2, timeout=5)
+
+
+# -- protection against other policies ---------------------------------------------
+
+
+@gen_cluster(
+    client=True,
+    nthreads=[("", 1)] * 4,
+    config=config(policies=[demo("drop", n=10), {"class": "amm.ReduceReplicas"}]),
+)
+async def test_no_policy_drops_below_n(c, s, *workers):
+    replication(s)
+    x = (await c.scatter({"x": 1}, broadcast=True))["x"]
+    assert len(holders(s, "x")) == 4
+    await c.replicate([x], n=3)
+    # scatter(broadcast=True) tracks "all"; now it is 3: the extra one can go
+    for _ in range(5):
+        await c.amm.run_once()
+    await async_poll_for(lambda: len(holders(s, "x")) == 3, timeout=5)
+    await asyncio.sleep(0.1)
+    assert len(holders(s, "x")) == 3
+    await ReplicationClient(c).unreplicate(x)
+    await c.amm.run_once()
+    await async_poll_for(lambda: len(holders(s, "x")) == 1, timeout=5)
+
+
+# -- the config ----------------------------------------------------------------------
+
+
+@gen_cluster(
+    client=True,
+    nthreads=[("", 1)] * 3,
+    config=config(**RUNNING, replicate={"keys": {"x": 2, "y": "all"}}),
+)
+async def test_configured_keys(c, s, *workers):
+    replication(s)
+    rep = ReplicationClient(c)
+    assert {e["key"]: (e["n"], e["state"]) for e in await rep.tracked()} == {
+        "x": (2, None),
+        "y": ("all", None),
+    }
+    x = c.submit(inc, 1, key="x")
+    y = await c.scatter({"y": 1}, workers=[workers[0].address])  # noqa: F841
+    await async_poll_for(lambda: len(holders(s, "x")) == 2, timeout=5)
+    await async_poll_for(lambda: len(holders(s, "y")) == 3, timeout=5)
+    await cycles(s, 3)
+    assert len(holders(s, "x")) == 2
+    assert {e["key"]: e["source"] for e in await rep.tracked()} == {
+        "x": "config",
+        "y": "config",
+    }
+    # released and recomputed: the config applies again
+    x.release()
+    await async_poll_for(lambda: "x" not in s.tasks, timeout=5)
+    x = c.submit(inc, 1, key="x")
+    await async_poll_for(lambda: len(holders(s, "x")) == 2, timeout=5)
+
+
+def test_bad_config():
+    with pytest.raises(AMMConfigError, match=r"keys\['x'\]=0: the number of replicas"):
+        ReplicateN(keys={"x": 0})
+    with dask.config.set({"amm.replicate.keys": {"x": True}}):
+        with pytest.raises(AMMConfigError, match=r"amm.replicate.keys\['x'\]=True"):
+            ReplicateN()
+    with dask.config.set({"amm.replicate.max-per-worker": {"keys": 0}}):
+        with pytest.raises(AMMConfigError, match=r"amm.replicate.max-per-worker.keys=0"):
+            ReplicateN()
+    with pytest.raises(AMMConfigError, match=r"max_per_worker.bytes='lots'"):
+        ReplicateN(max_per_worker={"bytes": "lots"})
+    with pytest.raises(AMMConfigError, match=r"retry_after=0"):
+        ReplicateN(retry_after=0)
+    with dask.config.set({"amm.replicate.serve-client-replicate": "maybe"}):
+        s = new_scheduler()
+        m = ActiveMemoryManager(s, [], register=False, start=False)
+        handlers = dict(s.handlers)
+        with pytest.raises(AMMConfigError, match="serve-client-replicate='maybe'"):
+            install_replication(s, m)
+        assert s.handlers == handlers
+
+
+@gen_cluster(
+    client=True,
+    config=config(serve=False, **RUNNING),
+)
+async def test_serving_client_replicate_can_be_turned_off(c, s, a, b):
+    """distributed's one-off copies, which ReduceReplicas then drops"""
+    replication(s)
+    x = await c.scatter({"x": 1}, broadcast=True)  # noqa: F841
+    assert len(holders(s, "x")) == 2
+    await async_poll_for(lambda: len(holders(s, "x")) == 1, timeout=5)
+    assert await ReplicationClient(c).tracked() == []
+
+
+# -- bad input -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n", [0, -1, True, False, 2.5, "two", "ALL", None])
+@gen_cluster(client=True, config=config(**RUNNING))
+async def test_bad_n(c, s, a, b, n):
+    replication(s)
+    rep = ReplicationClient(c)
+    x = c.submit(inc, 1, key="x")
+    await x
+    with pytest.raises(ValueError, match=rf"n={n!r}: the number of replicas must be"):
+        await rep.replicate(x, n)
+    if n is not None:  # None means "every worker" to Client.replicate
+        with pytest.raises(ValueError, match=rf"n={n!r}"):
+            await c.replicate([x], n=n)
+    assert await rep.tracked() == []
+    assert replication(s).current() is None  # not even the policy was added
+    await cycles(s, 2)
+    assert len(holders(s, "x")) == 1
+
+
+@gen_cluster(client=True, config=config(**RUNNING))
+async def test_unknown_keys_and_workers(c, s, a, b):
+    replication(s)
+    rep = ReplicationClient(c)
+    x = c.submit(inc, 1, key="x")
+    await x
+    with pytest.raises(ValueError, match=r"key 'nope': unknown to the scheduler"):
+        await rep.replicate(["x", "nope"], 2)
+    with pytest.raises(ValueError, match=r"key \('nope', 1\): unknown"):
+        await c.scheduler.replicate(keys=["x", ("nope", 1)], n=2)
+    with pytest.raises(ValueError, match=r"'tcp://127.0.0.1:1' is not a worker"):
+        await rep.replicate(x, 2, workers=["tcp://127.0.0.1:1"])
+    with pytest.raises(ValueError, match=r"branching_factor=0"):
+        await c.replicate([x], n=2, branching_factor=0)
+    assert await rep.tracked() == []
+    assert replication(s).current() is None  # not even the policy was added
+    await cycles(s, 2)
+    assert len(holders(s, "x")) == 1
+    # a released key: by name, as the future is gone
+    x.release()
+    await async_poll_for(lambda: "x" not in s.tasks, timeout=5)
+    with pytest.raises(ValueError, match=r"key 'x': unknown"):
+        await rep.replicate("x", 2)
+
+
+def test_keys_of():
+    assert keys_of("x") == ["x"]
+    assert keys_of(("x", 1)) == [("x", 1)]
+    assert keys_of(["x", ("y", 1)]) == ["x", ("y", 1)]
+    with pytest.raises(TypeError, match="Expected futures"):
+        keys_of(object())
+
+
+# -- the per-cycle bound (synthetic states) ------------------------------------------
+
+
+def synthetic(nworkers: int, nkeys: int, nbytes: int, **kwargs):
+    s = new_scheduler()
+    recorder = Recorder(s)
+    wss = [add_worker(s, f"tcp://w{i}:1") for i in range(nworkers)]
+    for i in range(nkeys):
+        add_task(s, f"k{i}", nbytes, [wss[0]])
+    policy = ReplicateN(**kwargs)
+    m = ActiveMemoryManager(s, [ReduceReplicas(), policy], register=False, start=False)
+    return s, recorder, m, policy, wss
+
+
+def per_recipient(sent) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for op, addr, keys in sent:
+        assert op == "acquire-replicas"
+        out[addr] = out.get(addr, 0) + len(keys)
+    return out
+
+
+def test_bound_on_keys_per_recipient():
+    s, recorder, m, policy, wss = synthetic(
+        4, 40, 100, max_per_worker={"keys": 5, "bytes": None}
+    )
+    policy.set([f"k{i}" for i in range(40)], 4)
+    rounds = 0
+    while any(len(ts.who_has) < 4 for ts in s.tasks.values()):
+        m.run_once()
+        sent = recorder.pop()
+        assert per_recipient(sent) == {ws.address: 5 for ws in wss[1:]}
+        # nothing new while these are in flight
+        m.run_once()
+        assert recorder.pop() == []
+        apply_cycle(s, sent)
+        rounds += 1
+    assert rounds == 8  # 40 keys, 5 at a time
+    m.run_once()
+    assert recorder.pop() == []  # kept, and ReduceReplicas drops nothing
+
+
+def test_bound_on_bytes_per_recipient():
+    s, recorder, m, policy, wss = synthetic(
+        3, 20, 100, max_per_worker={"keys": None, "bytes": 250}
+    )
+    policy.set([f"k{i}" for i in range(20)], "all")
+    m.run_once()
+    # the key that crosses the bound goes: 3 keys = 300 bytes
+    assert per_recipient(recorder.pop()) == {wss[1].address: 3, wss[2].address: 3}
+
+
+def test_unbounded_is_one_cycle():
+    s, recorder, m, policy, wss = synthetic(
+        5, 50, 100, max_per_worker={"keys": None, "bytes": None}
+    )
+    policy.set([f"k{i}" for i in range(50)], 3)
+    m.run_once()
+    sent = recorder.pop()
+    assert sum(per_recipient(sent).values()) == 100
+    apply_cycle(s, sent)
+    assert all(len(ts.who_has) == 3 for ts in s.tasks.values())
+    # least loaded first: the 4 recipients got 25 each
+    assert sorted(per_recipient(sent).values()) == [25] * 4
+
+
+def test_lost_transfer_is_asked_again():
+    s, recorder, m, policy, wss = synthetic(3, 1, 100, retry_after=0.05)
+    policy.set(["k0"], 2)
+    m.run_once()
+    assert sum(per_recipient(recorder.pop()).values()) == 1
+    m.run_once()
+    assert recorder.pop() == []
+    import time
+
+    time.sleep(0.06)
+    m.run_once()
+    assert sum(per_recipient(recorder.pop()).values()) == 1
+
+
+def test_desired_replicas():
+    s, recorder, m, policy, wss = synthetic(4, 2, 100)
+    policy.set(["k0"], 3)
+    policy.set(["k1"], "all", frozenset({wss[0].address, wss[1].address}))
+    k0, k1 = s.tasks["k0"], s.tasks["k1"]
+    assert m.desired_replicas(k0) == 3
+    assert m.desired_replicas(k1) == 2
+    # a running replica outside the workers is protected, so that the count can't
+    # be met by dropping one inside them
+    s.add_replica(k1, wss[2])
+    assert m.desired_replicas(k1) == 3
+    policy.set(["k0"], 1)
+    assert m.desired_replicas(k0) == 1
+    assert policy.tracked() == [
+        {
+            "key": "k1",
+            "n": "all",
+            "workers": sorted([wss[0].address, wss[1].address]),
+            "replicas": 1,
+            "state": "memory",
+            "source": "api",
+        }
+    ]
+
+
+def test_all_candidates_are_the_missing_workers():
+    """For "all" the policy names the workers that lack the key, so the manager
+    does not walk past the holders at each suggestion
+    """
+    s, recorder, _, policy, wss = synthetic(6, 1, 100)
+    ts = s.tasks["k0"]
+    for ws in wss[1:4]:
+        s.add_replica(ts, ws)
+
+    class Spy(ActiveMemoryManagerPolicy):
+        seen: list = []
+
+        def run(self):
+            gen = policy.run()
+            choice = None
+            while True:
+                try:
+                    suggestion = gen.send(choice)
+                except StopIteration:
+                    return
+                self.seen.append(suggestion)
+                choice = yield suggestion
+
+    m = ActiveMemoryManager(s, [Spy()], register=False, start=False)
+    policy.manager = m
+    policy.set(["k0"], "all")
+    m.run_once()
+    assert [(op, c) for op, _, c in Spy.seen] == [("replicate", {wss[4], wss[5]})] * 2
+    assert per_recipient(recorder.pop()) == {wss[4].address: 1, wss[5].address: 1}
+
+
+# -- the benchmark -----------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_benchmark_quick(tmp_path):
+    script = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "replicate.py")
+    out = subprocess.run(
+        [sys.executable, script, "--quick", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=170,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    results = json.loads((tmp_path / "replicate.json").read_text())
+    assert {r["manager"] for r in results["runs"]} == {"amm", "distributed"}
+    for run in results["runs"]:
+        assert run["seconds_to_n"] > 0
+        assert 0 <= run["fraction_at_n_after_cycles"] <= 1
+        assert 0 <= run["fraction_at_n_after_kill"] <= 1
+    ours = next(r for r in results["runs"] if r["manager"] == "amm")
+    assert ours["fraction_at_n_after_cycles"] == 1
+    md = (tmp_path / "replicate.md").read_text()
+    assert md.startswith("|") or "| manager |" in md
+    assert not math.isnan(ours["seconds_to_n"])
