@@ -13,6 +13,9 @@ managing policies at runtime:
     amm.statistics()      # {"cycles": 12, "drops_requested": 340, ...}
     amm.add_policy("mypackage.MyPolicy", threshold=0.5)
     amm.remove_policy("MyPolicy")
+    amm.replicate(futures, 3)    # keep 3 copies of each, non-blocking
+    amm.tracked()                # what is kept replicated
+    amm.unreplicate(futures)     # back to 1
 
 Like ``client.amm``, every method is synchronous on a synchronous client and
 returns an awaitable on an asynchronous one.
@@ -24,12 +27,17 @@ from typing import Any
 
 from distributed import Client
 
+from amm.replication import ReplicationClient
 
-class AMMClient:
-    """Operate this project's manager from a client"""
+
+class AMMClient(ReplicationClient):
+    """Operate this project's manager from a client. Besides the methods below,
+    :meth:`replicate`, :meth:`unreplicate` and :meth:`tracked` keep data replicated
+    (see :class:`~amm.replication.ReplicationClient`).
+    """
 
     def __init__(self, client: Client):
-        self._client = client
+        super().__init__(client)
 
     def _call(self, handler: str, **kwargs: Any) -> Any:
         return self._client.sync(getattr(self._client.scheduler, handler), **kwargs)

@@ -125,3 +125,11 @@ async def test_client_api(c, s, a, b):
     assert stats["cycles"] == 1
     assert stats["running"] is False
     assert stats["measure"] == "optimistic"
+
+    # replication through the same entry point
+    x = await c.scatter({"x": 1}, workers=[a.address])  # noqa: F841
+    await client.replicate(x["x"], 2)
+    assert [(e["key"], e["n"]) for e in await client.tracked()] == [("x", 2)]
+    await async_poll_for(lambda: len(s.tasks["x"].who_has) == 2, timeout=5)
+    await client.unreplicate(x["x"])
+    assert await client.tracked() == []
