@@ -47,6 +47,15 @@ class AMMConfigError(ValueError):
     """An invalid setting of the Active Memory Manager"""
 
 
+def option(section: str, name: str) -> tuple[str, Any]:
+    """``(config key, value)`` of ``amm.<section>.<name>``, the option of a policy
+    or feature. The shipped default stands in when the section is missing from the
+    config (distributed's test harness builds configs before amm is imported).
+    """
+    key = f"{SECTION}.{section}.{name}"
+    return key, dask.config.get(key, default=DEFAULTS[SECTION][section][name])
+
+
 def setting(name: str) -> tuple[str, Any]:
     """Return ``(config key, value)`` of manager setting ``name``, following the
     precedence described in the module docstring. The key is returned so that error
@@ -85,19 +94,19 @@ def parse_bool(key: str, value: Any) -> bool:
     raise AMMConfigError(f"{key}={value!r}: must be true or false")
 
 
-#: ``start`` is a plain boolean setting
-parse_start = parse_bool
-
-
-def parse_interval(key: str, value: Any) -> float:
+def parse_duration(key: str, value: Any, *, allow_zero: bool = False) -> float:
+    """Seconds, from anything dask accepts as a time delta ("2s", "500ms", 0.5)"""
     try:
         seconds = parse_timedelta(value, default="seconds")
     except (TypeError, ValueError, KeyError) as e:
         raise AMMConfigError(
             f"{key}={value!r}: not a time interval (e.g. 2s, 500ms, 0.5): {e}"
         ) from None
-    if seconds is None or not seconds > 0:
-        raise AMMConfigError(f"{key}={value!r}: interval must be greater than zero")
+    if seconds is None or seconds < 0 or (seconds == 0 and not allow_zero):
+        raise AMMConfigError(
+            f"{key}={value!r}: must be "
+            + ("zero or more" if allow_zero else "greater than zero")
+        )
     return float(seconds)
 
 
@@ -159,15 +168,7 @@ def build_policies(key: str, specs: Any) -> list[Any]:
 
 def eager_reduction() -> tuple[bool, float]:
     """``amm.reduce-replicas.eager`` and ``.eager-delay``, validated"""
-    section = DEFAULTS[SECTION]["reduce-replicas"]
-    key = f"{SECTION}.reduce-replicas.eager"
-    enabled = parse_bool(key, dask.config.get(key, default=section["eager"]))
-    key = f"{SECTION}.reduce-replicas.eager-delay"
-    delay = dask.config.get(key, default=section["eager-delay"])
-    try:
-        seconds = parse_timedelta(delay, default="seconds")
-    except (TypeError, ValueError, KeyError) as e:
-        raise AMMConfigError(f"{key}={delay!r}: not a time interval: {e}") from None
-    if seconds is None or seconds < 0:
-        raise AMMConfigError(f"{key}={delay!r}: must be zero or more")
-    return enabled, float(seconds)
+    return (
+        parse_bool(*option("reduce-replicas", "eager")),
+        parse_duration(*option("reduce-replicas", "eager-delay"), allow_zero=True),
+    )

@@ -19,7 +19,6 @@ from distributed.active_memory_manager import (
     ActiveMemoryManagerPolicy as _DistributedPolicy,
 )
 from distributed.core import Status
-from distributed.metrics import time
 from distributed.scheduler import Scheduler, TaskState, WorkerState
 
 from amm import config
@@ -77,7 +76,7 @@ class ActiveMemoryManager:
         self._cycle_seconds = 0.0
         self._cycle_slices = 0
         #: Longest time one cycle holds the event loop before resuming later
-        self.time_slice = config.parse_interval(*config.setting("time-slice"))
+        self.time_slice = config.parse_duration(*config.setting("time-slice"))
 
         if policies is None:
             policies = config.build_policies(*config.setting("policies"))
@@ -90,9 +89,9 @@ class ActiveMemoryManager:
             self.measure = config.parse_measure("measure", measure)
 
         if interval is None:
-            self.interval = config.parse_interval(*config.setting("interval"))
+            self.interval = config.parse_duration(*config.setting("interval"))
         else:
-            self.interval = config.parse_interval("interval", interval)
+            self.interval = config.parse_duration("interval", interval)
 
         if register:
             scheduler.handlers.update(
@@ -106,7 +105,7 @@ class ActiveMemoryManager:
             )
 
         if start is None:
-            start = config.parse_start(*config.setting("start"))
+            start = config.parse_bool(*config.setting("start"))
         if start:
             self.start()
 

@@ -31,15 +31,13 @@ workers' statuses) and the retirement runs on the manager like any other.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-import dask.config
 from distributed.core import Status
 from distributed.metrics import time
 
-from amm.config import DEFAULTS, parse_start
+from amm.config import option, parse_bool, parse_duration
 from amm.logs import logger
-from amm.policies.retire_worker import parse_timeout
 
 if TYPE_CHECKING:
     from amm.retirement import Retirements
@@ -47,13 +45,10 @@ if TYPE_CHECKING:
 
 def paused_restart_settings() -> tuple[bool, float]:
     """``(enabled, after)`` from the ``amm.paused-restart`` config section, validated"""
-    defaults = DEFAULTS["amm"]["paused-restart"]
-
-    def get(name: str) -> tuple[str, Any]:
-        key = f"amm.paused-restart.{name}"
-        return key, dask.config.get(key, default=defaults[name])
-
-    return parse_start(*get("enabled")), parse_timeout(*get("after"))
+    return (
+        parse_bool(*option("paused-restart", "enabled")),
+        parse_duration(*option("paused-restart", "after")),
+    )
 
 
 class PausedWorkerRestarter:

@@ -82,7 +82,7 @@ def install(scheduler: Scheduler, **overrides: Any) -> ActiveMemoryManager:
 
     start = overrides.pop("start", None)
     if start is None:
-        start = config.parse_start(*config.setting("start"))
+        start = config.parse_bool(*config.setting("start"))
     manager = ActiveMemoryManager(scheduler, start=False, **overrides)
     # retire_workers() and adaptive scale-down run this project's RetireWorker;
     # Client.replicate() and scatter(broadcast=True) keep their copies (ReplicateN).

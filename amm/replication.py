@@ -37,7 +37,6 @@ from amm.policies.replicate_n import (
     ALL,
     ReplicateN,
     parse_n,
-    replicate_setting,
     validate,
 )
 
@@ -70,7 +69,7 @@ def install_replication(scheduler: Scheduler, manager: ActiveMemoryManager) -> R
     current = getattr(scheduler.handlers.get("amm_replicated"), "__self__", None)
     if isinstance(current, Replication) and current.manager is manager:
         return current
-    key, serve = replicate_setting("serve-client-replicate")
+    key, serve = config.option("replicate", "serve-client-replicate")
     if serve == "auto":
         serve = not config.distributed_section_customized()
     else:

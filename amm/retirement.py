@@ -34,12 +34,11 @@ from distributed.metrics import time
 from distributed.scheduler import Scheduler, WorkerState
 from distributed.utils import log_errors
 
+from amm.config import option, parse_duration
 from amm.logs import logger
 from amm.policies.retire_worker import (
     RetireWorker,
     parse_on_timeout,
-    parse_timeout,
-    retire_setting,
 )
 
 #: Outcome of the retirement of one worker
@@ -348,8 +347,8 @@ def validate_config() -> None:
     """
     from amm.paused_restart import paused_restart_settings
 
-    parse_timeout(*retire_setting("timeout"))
-    parse_on_timeout(*retire_setting("on-timeout"))
+    parse_duration(*option("retire", "timeout"))
+    parse_on_timeout(*option("retire", "on-timeout"))
     paused_restart_settings()
 
 

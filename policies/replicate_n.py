@@ -29,14 +29,13 @@ from collections.abc import Iterable, Mapping, Set
 from dataclasses import dataclass, field
 from typing import Any, Literal, Union
 
-import dask.config
 from dask.typing import Key
-from dask.utils import parse_bytes, parse_timedelta
+from dask.utils import parse_bytes
 from distributed.core import Status
 from distributed.metrics import time
 from distributed.scheduler import TaskState, WorkerState
 
-from amm.config import DEFAULTS, AMMConfigError
+from amm.config import AMMConfigError, option, parse_duration
 from amm.logs import logger, task_logger
 from amm.policy import ActiveMemoryManagerPolicy, Suggestion, SuggestionGenerator
 
@@ -48,15 +47,6 @@ Replicas = Union[int, Literal["all"]]
 
 #: States in which a key leaves the policy: nobody wants it any more, or it failed
 GONE = frozenset({"released", "forgotten", "erred"})
-
-
-def replicate_setting(name: str) -> tuple[str, Any]:
-    """``(config key, value)`` of ``amm.replicate.<name>``. The section may be
-    missing from a config built before amm was imported (distributed's test harness
-    does that), hence the shipped default.
-    """
-    key = f"amm.replicate.{name}"
-    return key, dask.config.get(key, default=DEFAULTS["amm"]["replicate"][name])
 
 
 def parse_n(where: str, n: Any, exc: type[ValueError] = AMMConfigError) -> Replicas:
@@ -117,18 +107,6 @@ def parse_max_per_worker(where: str, value: Any) -> tuple[float, float]:
                 "(e.g. 256 MiB), or null"
             )
     return max_keys, max_bytes
-
-
-def parse_retry_after(where: str, value: Any) -> float:
-    try:
-        seconds = parse_timedelta(value, default="seconds")
-    except (TypeError, ValueError, KeyError) as e:
-        raise AMMConfigError(
-            f"{where}={value!r}: not a duration (e.g. 30s, 1 minute): {e}"
-        ) from None
-    if seconds is None or not seconds > 0:
-        raise AMMConfigError(f"{where}={value!r}: must be greater than zero")
-    return float(seconds)
 
 
 def validate(
@@ -236,20 +214,20 @@ class ReplicateN(ActiveMemoryManagerPolicy):
         retry_after: float | str | None = None,
     ):
         self.configured = parse_keys(
-            *(replicate_setting("keys") if keys is None else ("keys", keys))
+            *(option("replicate", "keys") if keys is None else ("keys", keys))
         )
         # n=1 is what every key has anyway: nothing to track
         self.configured = {k: n for k, n in self.configured.items() if n != 1}
         self.max_keys, self.max_bytes = parse_max_per_worker(
             *(
-                replicate_setting("max-per-worker")
+                option("replicate", "max-per-worker")
                 if max_per_worker is None
                 else ("max_per_worker", max_per_worker)
             )
         )
-        self.retry_after = parse_retry_after(
+        self.retry_after = parse_duration(
             *(
-                replicate_setting("retry-after")
+                option("replicate", "retry-after")
                 if retry_after is None
                 else ("retry_after", retry_after)
             )

@@ -27,39 +27,16 @@ from __future__ import annotations
 
 from typing import Any
 
-import dask.config
-from dask.utils import parse_timedelta
 from distributed.active_memory_manager import RetireWorker as _DistributedRetireWorker
 from distributed.core import Status
 from distributed.scheduler import TaskState, WorkerState
 
-from amm.config import DEFAULTS, AMMConfigError
+from amm.config import AMMConfigError, option, parse_duration
 from amm.logs import logger
 from amm.policy import ActiveMemoryManagerPolicy, Suggestion, SuggestionGenerator
 
 #: Values accepted by ``amm.retire.on-timeout``
 ON_TIMEOUT = ("abort", "close")
-
-
-def retire_setting(name: str) -> tuple[str, Any]:
-    """``(config key, value)`` of ``amm.retire.<name>``. The section may be missing
-    from a config built before amm was imported (distributed's test harness does
-    that), hence the shipped default.
-    """
-    key = f"amm.retire.{name}"
-    return key, dask.config.get(key, default=DEFAULTS["amm"]["retire"][name])
-
-
-def parse_timeout(key: str, value: Any) -> float:
-    try:
-        seconds = parse_timedelta(value, default="seconds")
-    except (TypeError, ValueError, KeyError) as e:
-        raise AMMConfigError(
-            f"{key}={value!r}: not a duration (e.g. 60s, 5 minutes, 30): {e}"
-        ) from None
-    if seconds is None or not seconds > 0:
-        raise AMMConfigError(f"{key}={value!r}: must be greater than zero")
-    return float(seconds)
 
 
 def parse_on_timeout(key: str, value: Any) -> str:
@@ -118,12 +95,12 @@ class RetireWorker(ActiveMemoryManagerPolicy, _DistributedRetireWorker):
         on_timeout: str | None = None,
     ):
         super().__init__(address)
-        self.timeout = parse_timeout(
-            *(retire_setting("timeout") if timeout is None else ("timeout", timeout))
+        self.timeout = parse_duration(
+            *(option("retire", "timeout") if timeout is None else ("timeout", timeout))
         )
         self.on_timeout = parse_on_timeout(
             *(
-                retire_setting("on-timeout")
+                option("retire", "on-timeout")
                 if on_timeout is None
                 else ("on_timeout", on_timeout)
             )

@@ -93,7 +93,7 @@ def test_distributed_default_policies_map_to_ours(scheduler):
     "key,value,match",
     [
         ("amm.measure", "notexist", "amm.measure='notexist': measure must be one of"),
-        ("amm.interval", 0, "amm.interval=0: interval must be greater than zero"),
+        ("amm.interval", 0, "amm.interval=0: must be greater than zero"),
         ("amm.interval", "-1s", "amm.interval='-1s'"),
         ("amm.interval", "soon", "amm.interval='soon': not a time interval"),
         ("amm.start", "maybe", "amm.start='maybe': must be true or false"),
