@@ -29,11 +29,10 @@ from dask.utils import parse_bytes
 from distributed.core import Status
 from distributed.scheduler import TaskState, WorkerState
 
-from amm.config import DEFAULTS, AMMConfigError
+from amm import config
+from amm.config import AMMConfigError
 from amm.logs import logger
 from amm.policy import ActiveMemoryManagerPolicy, Suggestion, SuggestionGenerator
-
-SECTION = "amm.rebalance"
 
 #: Where a ``null`` threshold in the ``amm.rebalance`` section is read from
 DISTRIBUTED_THRESHOLDS = {
@@ -119,7 +118,8 @@ class Rebalance(ActiveMemoryManagerPolicy):
     is more than half the gap below the mean and under ``recipient_max``. Both then
     keep their role, cycle after cycle, until they reach the mean: the band decides
     who starts, the mean where they stop (hysteresis). No move takes a sender below
-    the mean or a recipient above it (nor above ``recipient_max``), so no worker ever
+    the mean or a recipient above it (nor above ``recipient_max``, nor into the
+    relief band below the spill threshold), so no worker ever
     switches between sending and receiving because of this policy, and at rest no
     worker is more than half the gap above the mean while another is more than half
     the gap below it.
@@ -136,10 +136,13 @@ class Rebalance(ActiveMemoryManagerPolicy):
     either surplus, and ReduceReplicas drops it (from the most loaded holder, which is
     the sender), or deliberately replicated. Never actors, keys another policy acts on
     in this cycle, or keys with a dependent processing on the sender. Among the
-    others, keys no task waits for come first, then those some task waits for; within
-    each group, the largest first, so that fewer keys move for the same bytes. A key
-    is only moved if it fits: the sender must not go below its floor nor the
-    recipient above its ceiling. Senders are served most loaded (by fraction) first;
+    others, keys no task waits for come first (moving them can't delay a task), then
+    those some task waits for; within each group, the largest first, so that fewer
+    keys move for the same bytes. "Largest" is among the sender's oldest movable keys
+    worth twice what it should shed (at least 16 keys): sorting all of a worker's
+    keys at every cycle would cost what the policy must not. A key is only moved if
+    it fits: the sender must not go below its floor nor the recipient above its
+    ceiling. Senders are served most loaded (by fraction) first;
     each key goes to the recipient with the most room, which is the single candidate
     of the suggestion, so the choice is by fraction and not by bytes.
 
@@ -203,7 +206,9 @@ class Rebalance(ActiveMemoryManagerPolicy):
             *_setting("sender-recipient-gap", sender_recipient_gap)
         )
         key, margin = _setting("spill-margin", spill_margin)
-        self.spill_margin = None if margin is False else _fraction(key, margin)
+        # false turns relief off (also as a string, from an environment variable)
+        off = margin is False or isinstance(margin, str) and margin.lower() == "false"
+        self.spill_margin = None if off else _fraction(key, margin)
         self.spill_threshold = _spill_threshold()
         self.max_bytes_per_cycle = _nbytes(
             *_setting("max-bytes-per-cycle", max_bytes_per_cycle)
@@ -305,8 +310,6 @@ class Rebalance(ActiveMemoryManagerPolicy):
         pending = self.manager.pending
         for move in list(self._moves.values()):
             ts, sender, recipient = move.ts, move.sender, move.recipient
-            if move.ts not in self._moves:
-                continue  # ended while this policy was suspended
             who_has = ts.who_has or ()
             if ts.state != "memory" or sender not in who_has:
                 # Released, lost, or the sender's copy is already gone (dropped by
@@ -347,8 +350,12 @@ class Rebalance(ActiveMemoryManagerPolicy):
                 self.max_bytes_per_cycle,
                 singleton=frozenset((ws,)),
             )
+        # Forget recipients whose cooldown is over (and workers that left)
         received = self._received
-        for ws in [ws for ws, c in received.items() if self.cycle - c > self.recipient_cooldown]:
+        expired = [
+            ws for ws, c in received.items() if self.cycle - c > self.recipient_cooldown
+        ]
+        for ws in expired:
             del received[ws]
         # Moves in flight: the recipient will hold the key, the sender won't; both
         # are busy with the transfer, which counts against this cycle's budget.
@@ -390,14 +397,14 @@ class Rebalance(ActiveMemoryManagerPolicy):
                 recipients.append(load)
         for ws in relieving - self._relieving:
             logger.info(
-                "Rebalance: %s is within %.0f%% of its spill threshold; "
-                "moving data to other workers",
+                "Rebalance: %s is near its spill threshold (%.0f%% of its memory "
+                "limit); moving data to other workers",
                 ws.address,
-                self.spill_margin * 100,
+                self.spill_threshold * 100,
             )
         self._relieving = relieving
         if senders and recipients:
-            yield from self._pair(senders, recipients, balancing=False)
+            yield from self._pair(senders, recipients)
 
     # -- balancing -------------------------------------------------------------
 
@@ -421,9 +428,12 @@ class Rebalance(ActiveMemoryManagerPolicy):
             role = roles.get(ws)
             if (
                 fraction > mean
-                and (role or fraction >= mean + half_gap and fraction >= self.sender_min)
-                and self.cycle - self._received.get(ws, -self.recipient_cooldown - 1)
-                > self.recipient_cooldown
+                and (
+                    role
+                    or fraction >= mean + half_gap
+                    and fraction >= self.sender_min
+                )
+                and ws not in self._received  # cooling down after receiving
                 and not load.received
             ):
                 roles[ws] = True
@@ -450,12 +460,12 @@ class Rebalance(ActiveMemoryManagerPolicy):
             else:
                 roles.pop(ws, None)
         if senders and recipients:
-            yield from self._pair(senders, recipients, balancing=True)
+            yield from self._pair(senders, recipients)
 
     # -- pairing senders and recipients ------------------------------------------
 
     def _pair(
-        self, senders: list[_Load], recipients: list[_Load], balancing: bool
+        self, senders: list[_Load], recipients: list[_Load]
     ) -> SuggestionGenerator:
         """Move keys from the most loaded sender (by fraction above where it stops)
         to the recipient with the most room (in bytes), one key at a time, until
@@ -487,7 +497,8 @@ class Rebalance(ActiveMemoryManagerPolicy):
             for ts in snd.candidates:
                 nbytes = ts.get_nbytes()
                 if snd.memory - nbytes < snd.bound:
-                    continue  # would take the sender below its floor; a smaller key may fit
+                    # would take the sender below its floor; a smaller key may fit
+                    continue
                 # Re-check what may have changed since the candidates were listed
                 who_has = ts.who_has or ()
                 if (
@@ -496,6 +507,8 @@ class Rebalance(ActiveMemoryManagerPolicy):
                     or snd.ws not in who_has
                     or ts in pending
                     or ts in self._moves
+                    or ts.waiters
+                    and any(w.processing_on is snd.ws for w in ts.waiters)
                 ):
                     continue
                 # The recipient with the most room: if the key doesn't fit there, it
@@ -528,10 +541,10 @@ class Rebalance(ActiveMemoryManagerPolicy):
                     )
                 break
             else:
-                # Nothing more this sender can move
+                # Nothing more this sender can move in this cycle. It keeps its role:
+                # what blocked its keys (dependents running, recipients full) may
+                # be gone by the next cycle.
                 heapq.heappop(snd_heap)
-                if balancing:
-                    self._roles.pop(snd.ws, None)
 
     def _candidates(self, snd: _Load) -> list[TaskState]:
         """The keys ``snd`` may send in this cycle, in the order to try them: those
@@ -598,9 +611,8 @@ def _setting(name: str, value: Any) -> tuple[str, Any]:
     distributed's ``distributed.worker.memory.rebalance.<name>``.
     """
     if value is not None:
-        return f"Rebalance({name.replace('-', '_')}=...)", value
-    key = f"{SECTION}.{name}"
-    value = dask.config.get(key, default=DEFAULTS["amm"]["rebalance"][name])
+        return f"Rebalance({name.replace('-', '_')})", value
+    key, value = config.option("rebalance", name)
     if value is None and name in DISTRIBUTED_THRESHOLDS:
         key = DISTRIBUTED_THRESHOLDS[name]
         value = dask.config.get(key)
@@ -625,7 +637,9 @@ def _nbytes(key: str, value: Any) -> int:
     try:
         nbytes = parse_bytes(value) if isinstance(value, str) else value
     except (ValueError, TypeError) as e:
-        raise AMMConfigError(f"{key}={value!r}: not a size (e.g. 256MiB): {e}") from None
+        raise AMMConfigError(
+            f"{key}={value!r}: not a size (e.g. 256MiB): {e}"
+        ) from None
     if isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes <= 0:
         raise AMMConfigError(f"{key}={value!r}: must be a size greater than zero")
     return nbytes
