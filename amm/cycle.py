@@ -12,7 +12,8 @@ it misbehaves:
 - never touch actors, and only act on keys that are in memory.
 
 A policy that raises, or yields something that is not a valid suggestion, has every
-suggestion it made in this cycle withdrawn; the other policies are unaffected.
+suggestion it made in this cycle withdrawn (those not sent yet, if the cycle was
+split in time slices); the other policies are unaffected.
 """
 
 from __future__ import annotations

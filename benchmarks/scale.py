@@ -36,6 +36,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import dask.config
 from distributed.active_memory_manager import ActiveMemoryManagerExtension
 from distributed.active_memory_manager import ActiveMemoryManagerPolicy as DistPolicy
 from distributed.active_memory_manager import ReduceReplicas as DistReduceReplicas
@@ -49,6 +50,8 @@ from amm.testing import Recorder, add_task, add_worker, apply_cycle, new_schedul
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
 #: Give up converging after this many cycles
 MAX_CYCLES = 200
+#: Consecutive cycles that send nothing after which a scenario has converged
+IDLE_CYCLES = 4
 #: Skip the convergence run of a side whose single cycle took longer than this
 MAX_CONVERGE_CYCLE_SECONDS = 30.0
 
@@ -74,8 +77,11 @@ def build(nworkers: int, nkeys: int, layout: str, seed: int = 0) -> State:
     rng = random.Random(seed)
     s = new_scheduler()
     recorder = Recorder(s)
+    # Rebalance thresholds are fractions of the memory limit: size it so that the
+    # cluster is 1/8 full on average, the hot workers well above sender-min
+    memory_limit = 8 * nkeys * 4.5 * 2**20 / nworkers if layout == "skewed" else 2**40
     wss = [
-        add_worker(s, f"tcp://10.0.{i // 250}.{i % 250}:1", memory_limit=2**40)
+        add_worker(s, f"tcp://10.0.{i // 250}.{i % 250}:1", memory_limit=int(memory_limit))
         for i in range(nworkers)
     ]
     hot = wss[: max(1, nworkers // 10)]
@@ -123,11 +129,13 @@ class Scenario:
     #: keys used instead of K, if set (replicate to all)
     nkeys: int | None
     prepare: Callable[[State], None]
-    ours: Callable[[State], list[Any]] | None
+    ours: Callable[[State], list[Any]]
     theirs: Callable[[State], list[Any]]
     done: Callable[[State, list[Any]], bool]
     #: what the result is measured by, besides time
     quality: Callable[[State], dict[str, float]] = lambda state: {}
+    #: called once the manager (and so policy.manager) exists
+    setup: Callable[[State, list[Any]], None] = lambda state, policies: None
 
 
 def _retiring(fraction: float | None) -> Callable[[State], list[Any]]:
@@ -154,18 +162,18 @@ def _our_retire_worker() -> type:
     return getattr(amm, "RetireWorker", DistRetireWorker)
 
 
-def _our_replicate(n: int | str) -> Callable[[State], list[Any]] | None:
-    cls = getattr(amm, "ReplicateN", None)
-    if cls is None:
-        return None
+def _our_replicate(n: int | str) -> Callable[[State], list[Any]]:
+    return lambda state: [amm.ReplicateN()]
 
-    def make(state: State) -> list[Any]:
-        policy = cls()
-        for ts in state.keys:
-            policy.track(ts.key, n)
-        return [policy]
 
-    return make
+def _track(n: int | str) -> Callable[[State, list[Any]], None]:
+    """Once the manager exists: the keys ReplicateN keeps at n"""
+
+    def track(state: State, policies: list[Any]) -> None:
+        if isinstance(policies[0], amm.ReplicateN):
+            policies[0].set([ts.key for ts in state.keys], n)
+
+    return track
 
 
 def _replicated(n: int | str) -> Callable[[State, list[Any]], bool]:
@@ -182,9 +190,22 @@ def _max_over_mean(state: State) -> dict[str, float]:
     return {"max_over_mean": max(mem) / mean if mean else 1.0}
 
 
-def _our_rebalance() -> Callable[[State], list[Any]] | None:
-    cls = getattr(amm, "Rebalance", None)
-    return None if cls is None else (lambda state: [cls()])
+#: Both rebalancers are asked for the same balance: within 4% of the memory limit
+#: around the mean (the default, 10%, is 0.8x the mean with these limits)
+REBALANCE_GAP = 0.04
+#: Transfers complete at once here, so the bound on bytes a worker sends per cycle
+#: (256 MiB by default, there to spare the network) would only count cycles; it is
+#: lifted so that the cost of deciding, not of waiting, is measured
+REBALANCE_BYTES_PER_CYCLE = "1 TiB"
+
+
+def _our_rebalance() -> Callable[[State], list[Any]]:
+    return lambda state: [
+        amm.Rebalance(
+            sender_recipient_gap=REBALANCE_GAP,
+            max_bytes_per_cycle=REBALANCE_BYTES_PER_CYCLE,
+        )
+    ]
 
 
 SCENARIOS: dict[str, Scenario] = {
@@ -225,6 +246,7 @@ SCENARIOS: dict[str, Scenario] = {
             _our_replicate(3),
             lambda state: [DocsReplicate(state.keys, 3)],
             _replicated(3),
+            setup=_track(3),
         ),
         Scenario(
             "replicate_all_1000",
@@ -234,6 +256,7 @@ SCENARIOS: dict[str, Scenario] = {
             _our_replicate("all"),
             lambda state: [DocsReplicate(state.keys, "all")],
             _replicated("all"),
+            setup=_track("all"),
         ),
         Scenario(
             "rebalance_skewed",
@@ -310,33 +333,37 @@ def _timed_cycle(manager: Any) -> tuple[float, float]:
     return elapsed, elapsed
 
 
-def run_side(scn: Scenario, side: str, nworkers: int, nkeys: int) -> Run:
+def run_side(
+    scn: Scenario, side: str, nworkers: int, nkeys: int, memory: bool = True
+) -> Run:
     factory = scn.ours if side == "ours" else scn.theirs
     result = Run(scn.name, side, nworkers, nkeys)
-    if factory is None:
-        result.note = "policy not available"
-        return result
     if scn.name == "rebalance_skewed" and side == "theirs":
-        return run_rebalance_planner(scn, nworkers, nkeys, result)
+        return run_rebalance_planner(scn, nworkers, nkeys, result, memory)
 
-    # peak memory of one cycle, on its own copy of the state
-    state = build(nworkers, nkeys, scn.layout)
-    scn.prepare(state)
-    manager = make_manager(side, state, factory(state))
-    gc.collect()
-    tracemalloc.start()
-    manager.run_once()
-    result.peak_memory_mib = tracemalloc.get_traced_memory()[1] / 2**20
-    tracemalloc.stop()
-    del state, manager
-    gc.collect()
+    if memory:
+        # peak memory of one cycle, on its own copy of the state
+        state = build(nworkers, nkeys, scn.layout)
+        scn.prepare(state)
+        policies = factory(state)
+        manager = make_manager(side, state, policies)
+        scn.setup(state, policies)
+        gc.collect()
+        tracemalloc.start()
+        manager.run_once()
+        result.peak_memory_mib = tracemalloc.get_traced_memory()[1] / 2**20
+        tracemalloc.stop()
+        del state, manager, policies
+        gc.collect()
 
     state = build(nworkers, nkeys, scn.layout)
     scn.prepare(state)
     policies = factory(state)
     manager = make_manager(side, state, policies)
+    scn.setup(state, policies)
     total = 0.0
     longest = 0.0
+    idle = 0
     for cycle in range(1, MAX_CYCLES + 1):
         elapsed, slice_ = timed_cycle(manager)
         sent = state.recorder.pop()
@@ -347,8 +374,12 @@ def run_side(scn: Scenario, side: str, nworkers: int, nkeys: int) -> Run:
         longest = max(longest, slice_)
         apply_cycle(state.scheduler, sent)
         result.cycles = cycle
-        if scn.done(state, policies) or not sent:
+        idle = 0 if sent else idle + 1
+        # Rebalance pauses while cooldowns run out: only several quiet cycles in a
+        # row mean it has nothing left to do
+        if scn.done(state, policies) or idle >= IDLE_CYCLES:
             result.converged = scn.done(state, policies) or scn.name == "rebalance_skewed"
+            result.cycles = cycle - idle
             break
         if elapsed > MAX_CONVERGE_CYCLE_SECONDS:
             result.note = f"stopped after {cycle} cycles of > {MAX_CONVERGE_CYCLE_SECONDS}s"
@@ -359,15 +390,21 @@ def run_side(scn: Scenario, side: str, nworkers: int, nkeys: int) -> Run:
     return result
 
 
-def run_rebalance_planner(scn: Scenario, nworkers: int, nkeys: int, result: Run) -> Run:
+def run_rebalance_planner(
+    scn: Scenario, nworkers: int, nkeys: int, result: Run, memory: bool
+) -> Run:
     """distributed's rebalance(): its planner, then the moves applied at once"""
     state = build(nworkers, nkeys, scn.layout)
     s = state.scheduler
-    gc.collect()
-    tracemalloc.start()
-    s._rebalance_find_msgs(None, s.workers.values())
-    result.peak_memory_mib = tracemalloc.get_traced_memory()[1] / 2**20
-    tracemalloc.stop()
+    dask.config.set(
+        {"distributed.worker.memory.rebalance.sender-recipient-gap": REBALANCE_GAP}
+    )
+    if memory:
+        gc.collect()
+        tracemalloc.start()
+        s._rebalance_find_msgs(None, s.workers.values())
+        result.peak_memory_mib = tracemalloc.get_traced_memory()[1] / 2**20
+        tracemalloc.stop()
     # the planner reads process memory (ws.memory.process), which amm.testing keeps
     # equal to managed memory
     gc.collect()
@@ -495,6 +532,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--keys", type=int, nargs="*")
     parser.add_argument("--scenario", nargs="*", choices=sorted(SCENARIOS))
     parser.add_argument("--out", default=RESULTS)
+    parser.add_argument("--tag", default="", help="suffix of the result files")
+    parser.add_argument(
+        "--no-memory", action="store_true", help="skip the tracemalloc pass"
+    )
     parser.add_argument("--no-plot", action="store_true")
     args = parser.parse_args(argv)
 
@@ -509,7 +550,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for k in ([scn.nkeys] if scn.nkeys else keys):
             for w in workers:
                 for side in ("ours", "theirs"):
-                    r = run_side(scn, side, w, k)
+                    r = run_side(scn, side, w, k, memory=not args.no_memory)
                     runs.append(r)
                     print(
                         f"{name:<20} W={w:<5} K={k:<8} {side:<6} one={_t(r.one_cycle_seconds):>10} "
@@ -524,7 +565,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "runs": [asdict(r) for r in runs],
         "growth": fit_growth(runs),
     }
-    prefix = os.path.join(args.out, "scale_quick" if args.quick else "scale")
+    prefix = os.path.join(
+        args.out, ("scale_quick" if args.quick else "scale") + args.tag
+    )
     with open(prefix + ".json", "w") as f:
         json.dump(report, f, indent=1, default=str)
     with open(prefix + ".md", "w") as f:
