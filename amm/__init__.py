@@ -15,10 +15,7 @@ from amm.config import AMMConfigError
 from amm.manager import ActiveMemoryManager
 from amm.plugin import ActiveMemoryManagerPlugin, install
 from amm.policy import ActiveMemoryManagerPolicy
-from amm.policies import Rebalance
-from amm.policies import ReduceReplicas
-from amm.policies import ReplicateN
-from amm.policies import RetireWorker
+from amm.policies import Rebalance, ReduceReplicas, ReplicateN, RetireWorker
 
 __all__ = [
     "AMMClient",
