@@ -84,7 +84,9 @@ class Cycle:
         self.memory = {
             ws: getattr(ws.memory, measure) for ws in scheduler.workers.values()
         }
-        self.order = WorkerMemoryOrder(self.memory)
+        # searches walk running workers only: the others never receive, and drop
+        # first through a scan of the few of them (find_dropper)
+        self.order = WorkerMemoryOrder(self.memory, scheduler.running)
         self.running = scheduler.running
         self.not_running = {ws for ws in self.memory if ws not in self.running}
         #: per-suggestion logging is on; checked once, not per suggestion
@@ -413,7 +415,7 @@ class Cycle:
             # before that of workers that can still compute; iterate the smaller
             # of the two sets and look up the other
             small, large = sorted((holders, self.not_running), key=len)
-            choice = self.order.highest(small, large, exclude)
+            choice = self.order.scan_highest(small, large, exclude)
             if choice is None:
                 choice = self.order.highest(holders, self.running, exclude)
         else:

@@ -35,21 +35,38 @@ class WorkerMemoryOrder:
     none of ``exclude``.
     """
 
-    __slots__ = ("memory", "_rank", "_sorted", "_stale", "_scan_limit")
+    __slots__ = ("memory", "_rank", "_sorted", "_walkable", "_stale", "_scan_limit")
 
     memory: dict[WorkerState, int]
     _rank: dict[WorkerState, int]
     _sorted: SortedList
+    #: the workers in _sorted
+    _walkable: set[WorkerState]
     #: workers whose entry in _sorted still carries this old memory value
     _stale: dict[WorkerState, int]
     _scan_limit: int
 
-    def __init__(self, memory: dict[WorkerState, int]):
+    def __init__(
+        self,
+        memory: dict[WorkerState, int],
+        walkable: Set[WorkerState] | None = None,
+    ):
+        """``walkable``: the workers searches may walk to (default: all). The
+        others are only ever found by scanning a candidate set. The manager walks
+        running workers only: paused and retiring ones never receive, so their
+        memory stays put while everyone else's grows, and a walk from the low end
+        would have to step over all of them on every search.
+        """
         self.memory = memory
         self._rank = {ws: i for i, ws in enumerate(memory)}
+        self._walkable = (
+            set(memory) if walkable is None else {ws for ws in memory if ws in walkable}
+        )
         # rank is unique, so tuples never fall through to comparing WorkerStates
         self._sorted = SortedList(
-            (nbytes, self._rank[ws], ws) for ws, nbytes in memory.items()
+            (nbytes, self._rank[ws], ws)
+            for ws, nbytes in memory.items()
+            if ws in self._walkable
         )
         self._stale = {}
         # Scanning C candidates costs C; walking the order from one end costs
@@ -68,7 +85,7 @@ class WorkerMemoryOrder:
 
     def update(self, ws: WorkerState, nbytes: int) -> None:
         """Set the expected memory of ``ws``"""
-        if ws not in self._stale:
+        if ws not in self._stale and ws in self._walkable:
             self._stale[ws] = self.memory[ws]
         self.memory[ws] = nbytes
 
@@ -111,6 +128,17 @@ class WorkerMemoryOrder:
         if candidates is not None and len(candidates) <= self._scan_limit:
             return self._scan(candidates, require, exclude, True)
         return self._walk(self.descending(), candidates, require, exclude)
+
+    def scan_highest(
+        self,
+        candidates: Set[WorkerState],
+        require: Set[WorkerState] | None = None,
+        exclude: tuple[Set[WorkerState], ...] = (),
+    ) -> WorkerState | None:
+        """The most loaded eligible worker among ``candidates``, found by scanning
+        them, whatever their number: for workers that may not be walkable
+        """
+        return self._scan(candidates, require, exclude, True)
 
     @staticmethod
     def _walk(

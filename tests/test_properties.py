@@ -138,7 +138,9 @@ def test_order_matches_brute_force(memory, candidates, rejected, required, updat
     """
     workers = [object() for _ in memory]
     mem = dict(zip(workers, memory))
-    order = WorkerMemoryOrder(mem)  # type: ignore[arg-type]
+    # as in the manager: only the required workers (running ones) are walkable
+    walkable = None if required is None else {workers[i] for i in required if i < len(workers)}
+    order = WorkerMemoryOrder(mem, walkable)  # type: ignore[arg-type]
     for i, nbytes in updates:
         if i < len(workers):
             order.update(workers[i], nbytes)  # type: ignore[arg-type]
@@ -156,4 +158,7 @@ def test_order_matches_brute_force(memory, candidates, rejected, required, updat
 
     assert order.lowest(cands, req, (rej,)) is min(pool, key=key, default=None)  # type: ignore[arg-type]
     assert order.highest(cands, req, (rej,)) is max(pool, key=key, default=None)  # type: ignore[arg-type]
-    assert list(order.ascending()) == sorted(workers, key=key)
+    walked = [ws for ws in workers if walkable is None or ws in walkable]
+    assert list(order.ascending()) == sorted(walked, key=key)
+    if cands is not None:
+        assert order.scan_highest(cands, req, (rej,)) is max(pool, key=key, default=None)  # type: ignore[arg-type]
