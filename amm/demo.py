@@ -33,6 +33,21 @@ class Result:
     samples: dict[str, list[tuple[float, int]]] = field(default_factory=dict, repr=False)
 
 
+def process_cluster(n_workers: int, **kwargs: Any) -> LocalCluster:
+    """A LocalCluster of worker processes with one thread each, listening on the
+    loopback interface only: the setup of the demo and of every benchmark that runs
+    a real cluster
+    """
+    return LocalCluster(
+        n_workers=n_workers,
+        threads_per_worker=1,
+        processes=True,
+        host="127.0.0.1",
+        dashboard_address=":0",
+        **kwargs,
+    )
+
+
 #: dask config of each mode: no AMM, distributed's built-in one, this project's
 MODES: dict[str, dict[str, Any]] = {
     "off": {"distributed.scheduler.active-memory-manager.start": False},
@@ -52,13 +67,8 @@ def run(mode: str, args: argparse.Namespace) -> Result:
         config["amm.interval"] = args.interval
         config["distributed.scheduler.active-memory-manager.interval"] = args.interval
 
-    with dask.config.set(config), LocalCluster(
-        n_workers=args.workers,
-        threads_per_worker=1,
-        processes=True,
-        host="127.0.0.1",
-        dashboard_address=":0",
-        memory_limit=args.memory_limit,
+    with dask.config.set(config), process_cluster(
+        args.workers, memory_limit=args.memory_limit
     ) as cluster, Client(cluster) as client:
         x = da.random.RandomState(0).random((args.size, args.size), chunks=args.chunk)
         product = (x @ x.T).sum()

@@ -43,9 +43,10 @@ from typing import Any
 
 import dask
 import distributed
-from distributed import Client, LocalCluster, wait
+from distributed import Client, wait
 
 from amm import AMMClient, Rebalance
+from amm.demo import process_cluster
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
 MiB = 2**20
@@ -255,12 +256,8 @@ async def spill(client: Client, s: Any, side: str, args: argparse.Namespace) -> 
 
 
 async def bench(args: argparse.Namespace) -> dict[str, Any]:
-    async with LocalCluster(
-        n_workers=args.workers,
-        threads_per_worker=1,
-        processes=True,
-        host="127.0.0.1",
-        dashboard_address=":0",
+    async with process_cluster(
+        args.workers,
         memory_limit=args.memory_limit,
         asynchronous=True,
         scheduler_kwargs={"preload": ["amm"]},

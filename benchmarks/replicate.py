@@ -34,7 +34,9 @@ from typing import Any
 
 import dask.config
 from dask.utils import format_bytes, parse_bytes, parse_timedelta
-from distributed import Client, LocalCluster, wait
+from distributed import Client, wait
+
+from amm.demo import process_cluster
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 N = 3
@@ -74,13 +76,8 @@ def run_one(manager: str, args: argparse.Namespace) -> dict[str, Any]:
             "distributed.scheduler.active-memory-manager.interval": args.interval,
         }
         scheduler_kwargs = {}
-    with dask.config.set(config), LocalCluster(
-        n_workers=args.workers,
-        threads_per_worker=1,
-        processes=True,
-        host="127.0.0.1",
-        dashboard_address=":0",
-        scheduler_kwargs=scheduler_kwargs,
+    with dask.config.set(config), process_cluster(
+        args.workers, scheduler_kwargs=scheduler_kwargs
     ) as cluster, Client(cluster) as client:
         if manager == "amm":
             assert client.run_on_scheduler(_amm_serves_replicate), "amm not installed"

@@ -37,7 +37,9 @@ import sys
 import time
 from typing import Any
 
-from distributed import Client, LocalCluster, wait
+from distributed import Client, wait
+
+from amm.demo import process_cluster
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
 SIDES = ("distributed", "amm")
@@ -76,12 +78,8 @@ async def run_side(side: str, nworkers: int, nkeys: int, total: int) -> dict[str
     scheduler_kwargs: dict[str, Any] = {}
     if side == "amm":
         scheduler_kwargs["preload"] = ["amm"]
-    async with LocalCluster(
-        n_workers=nworkers,
-        threads_per_worker=1,
-        processes=True,
-        host="127.0.0.1",
-        dashboard_address=":0",
+    async with process_cluster(
+        nworkers,
         memory_limit=max(4 * total, 2**30),
         asynchronous=True,
         scheduler_kwargs=scheduler_kwargs,
