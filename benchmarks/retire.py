@@ -87,11 +87,10 @@ async def run_side(side: str, nworkers: int, nkeys: int, total: int) -> dict[str
         s = cluster.scheduler
         if side == "amm":
             from amm import ActiveMemoryManager
-            from amm.retirement import Retirements, install_retirement
+            from amm.retirement import Retirements
 
+            # the plugin installed the manager and this project's retire_workers
             assert isinstance(s.extensions["amm"], ActiveMemoryManager)
-            # The plugin wires it when installed; make sure, whatever the version
-            install_retirement(s, s.extensions["amm"])
             assert isinstance(s.retire_workers.__self__, Retirements)
 
         requested = 0
