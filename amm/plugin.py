@@ -48,8 +48,9 @@ class ActiveMemoryManagerPlugin(SchedulerPlugin):
 
     async def start(self, scheduler: Scheduler) -> None:
         self.scheduler = scheduler
-        self.manager = install(scheduler, **self.overrides)
+        # validated before install(), so that a bad value changes nothing
         eager, delay = config.eager_reduction()
+        self.manager = install(scheduler, **self.overrides)
         if eager:
             self.eager = EagerReduction(self.manager, delay)
 

@@ -154,3 +154,13 @@ def test_dask_scheduler_cli_preload(tmp_path):
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+@gen_cluster(client=True)
+async def test_invalid_eager_setting_leaves_builtin_running(c, s, a, b):
+    builtin = s.extensions["amm"]
+    with dask.config.set({"amm.reduce-replicas.eager-delay": "-1s"}):
+        with pytest.raises(AMMConfigError, match="amm.reduce-replicas.eager-delay='-1s'"):
+            await c.register_plugin(ActiveMemoryManagerPlugin())
+    assert s.extensions["amm"] is builtin
+    assert builtin.running
