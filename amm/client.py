@@ -25,8 +25,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from distributed import Client
-
 from amm.replication import ReplicationClient
 
 
@@ -35,9 +33,6 @@ class AMMClient(ReplicationClient):
     :meth:`replicate`, :meth:`unreplicate` and :meth:`tracked` keep data replicated
     (see :class:`~amm.replication.ReplicationClient`).
     """
-
-    def __init__(self, client: Client):
-        super().__init__(client)
 
     def _call(self, handler: str, **kwargs: Any) -> Any:
         return self._client.sync(getattr(self._client.scheduler, handler), **kwargs)

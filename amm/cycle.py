@@ -77,8 +77,16 @@ class Cycle:
         scheduler: Scheduler,
         measure: str,
         desired_replicas: Callable[[TaskState], int] | None,
+        policies: Iterable[Any],
     ):
         self.scheduler = scheduler
+        #: read afresh at every step, see :meth:`run`
+        self.policies = policies
+        #: time slices run so far, their total duration, and whether the cycle is
+        #: waiting for the next one
+        self.slices = 0
+        self.seconds = 0.0
+        self.suspended = False
         self.desired_replicas = desired_replicas
         self.pending = {}
         self.memory = {
@@ -111,15 +119,16 @@ class Cycle:
 
     # -- running policies --------------------------------------------------------
 
-    def run(self, policies: Iterable[Any], deadline: float) -> bool:
+    def run(self, deadline: float) -> bool:
         """Run the policies until all are exhausted (return True) or ``deadline``
         (a ``perf_counter`` time) passes at a point where the cycle may stop and
         resume later (return False): between two policies, or between two
         suggestions of a policy that declares ``resumable = True``.
 
-        ``policies`` is read afresh at every step, so a policy added while the
+        ``self.policies`` is read afresh at every step, so a policy added while the
         cycle is suspended runs in it, and one removed does not.
         """
+        policies = self.policies
         while True:
             if self._current is None:
                 policy = next((p for p in policies if p not in self._started), None)

@@ -70,11 +70,8 @@ class ActiveMemoryManager:
         self.scheduler = scheduler
         self.policies = PolicySet()
         self.stats = ManagerStats()
+        #: The cycle in progress: running, or suspended between two time slices
         self._cycle: Cycle | None = None
-        self._cycle_suspended = False
-        self._cycle_policies: Iterable[_DistributedPolicy] = self.policies
-        self._cycle_seconds = 0.0
-        self._cycle_slices = 0
         #: Longest time one cycle holds the event loop before resuming later
         self.time_slice = config.parse_duration(*config.setting("time-slice"))
 
@@ -208,23 +205,22 @@ class ActiveMemoryManager:
 
     def _begin(self, policies: Iterable[_DistributedPolicy]) -> bool:
         if self._cycle is not None:
-            if self._cycle_suspended:
+            if self._cycle.suspended:
                 logger.debug("Active Memory Manager cycle still in progress; skipped")
                 return False
             raise RuntimeError("AMM cycle started from within a running cycle")
         protectors = [p for p in self.policies if _protects_keys(p)]
         self._cycle = Cycle(
-            self.scheduler, self.measure, _desired_replicas_of(protectors)
+            self.scheduler, self.measure, _desired_replicas_of(protectors), policies
         )
-        self._cycle_policies = policies
-        self._cycle_seconds = 0.0
-        self._cycle_slices = 0
         self._run_slices()
         return True
 
     @property
     def cycle_in_progress(self) -> bool:
-        """A cycle is suspended between two time slices"""
+        """A cycle has started and not finished (it may be suspended between two
+        time slices)
+        """
         return self._cycle is not None
 
     def _run_slices(self) -> None:
@@ -235,28 +231,26 @@ class ActiveMemoryManager:
         while True:
             cycle = self._cycle
             assert cycle is not None
-            self._cycle_suspended = False
+            cycle.suspended = False
             start = perf_counter()
             try:
-                if self._cycle_slices:
+                if cycle.slices:
                     cycle.refresh()
-                done = cycle.run(self._cycle_policies, start + self.time_slice)
+                done = cycle.run(start + self.time_slice)
                 cycle.enact()
             except BaseException:
                 self._cycle = None
                 raise
             elapsed = perf_counter() - start
-            self._cycle_slices += 1
-            self._cycle_seconds += elapsed
+            cycle.slices += 1
+            cycle.seconds += elapsed
             self.stats.record_slice(elapsed)
             if done:
                 self._cycle = None
-                self.stats.record(cycle.stats, self._cycle_seconds, self._cycle_slices)
-                logger.debug(
-                    "Active Memory Manager run in %.0fms", self._cycle_seconds * 1000
-                )
+                self.stats.record(cycle.stats, cycle.seconds, cycle.slices)
+                logger.debug("Active Memory Manager run in %.0fms", cycle.seconds * 1000)
                 return
-            self._cycle_suspended = True
+            cycle.suspended = True
             try:
                 loop = asyncio.get_running_loop()
             except RuntimeError:
