@@ -33,6 +33,7 @@ from distributed.scheduler import Scheduler, TaskState, WorkerState
 
 from amm.logs import logger, task_logger
 from amm.ordering import WorkerMemoryOrder
+from amm.policy import CHECKPOINT
 from amm.stats import CycleStats
 
 #: (op, task, worker, bytes added to the worker's expected memory)
@@ -122,8 +123,9 @@ class Cycle:
     def run(self, deadline: float) -> bool:
         """Run the policies until all are exhausted (return True) or ``deadline``
         (a ``perf_counter`` time) passes at a point where the cycle may stop and
-        resume later (return False): between two policies, or between two
-        suggestions of a policy that declares ``resumable = True``.
+        resume later (return False): between two policies, or, in a policy that
+        declares ``resumable = True``, between two suggestions or at a
+        :data:`~amm.policy.CHECKPOINT`.
 
         ``self.policies`` is read afresh at every step, so a policy added while the
         cycle is suspended runs in it, and one removed does not.
@@ -194,6 +196,11 @@ class Cycle:
             except Exception:
                 self._policy_failed(run, "raised")
                 return True
+            if raw is CHECKPOINT:
+                run.choice = None
+                if resumable and self._past(deadline):
+                    return False
+                continue
             try:
                 suggestion = self.validate(raw)
             except InvalidSuggestion as e:
@@ -520,7 +527,9 @@ class Cycle:
                 pending_drop.discard(ws)
                 if not pending_repl and not pending_drop:
                     del self.pending[ts]
-        self.send_cost = (perf_counter() - start) / len(unsent)
+        # the highest seen in this cycle: it varies by a third from one send to
+        # the next, and underestimating it is what makes a slice overrun
+        self.send_cost = max(self.send_cost, (perf_counter() - start) / len(unsent))
 
     def _send(
         self,

@@ -27,6 +27,11 @@ from amm.logs import logger
 from amm.policy import ActiveMemoryManagerPolicy, PolicySet
 from amm.stats import ManagerStats
 
+#: Fraction of ``time_slice`` a slice aims to end by. Where it ends is an estimate:
+#: the policies are checked every few dozen suggestions, and the time to send what
+#: was decided is extrapolated from the previous send.
+SLICE_AIM = 0.8
+
 #: Methods reachable through ``client.amm`` (distributed's AMMClientProxy)
 CLIENT_PROXY_METHODS = frozenset({"start", "stop", "run_once", "running"})
 
@@ -236,7 +241,7 @@ class ActiveMemoryManager:
             try:
                 if cycle.slices:
                     cycle.refresh()
-                done = cycle.run(start + self.time_slice)
+                done = cycle.run(start + self.time_slice * SLICE_AIM)
                 cycle.enact()
             except BaseException:
                 self._cycle = None

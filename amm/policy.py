@@ -4,8 +4,8 @@ policies of a manager.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, MutableSet
-from typing import TYPE_CHECKING
+from collections.abc import Generator, Iterable, Iterator, MutableSet
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from distributed.active_memory_manager import (
     ActiveMemoryManagerPolicy as _DistributedPolicy,
@@ -16,7 +16,43 @@ from distributed.scheduler import TaskState
 if TYPE_CHECKING:
     from amm.manager import ActiveMemoryManager
 
-__all__ = ["ActiveMemoryManagerPolicy", "PolicySet", "Suggestion", "SuggestionGenerator"]
+T = TypeVar("T")
+
+__all__ = [
+    "CHECKPOINT",
+    "ActiveMemoryManagerPolicy",
+    "PolicySet",
+    "Suggestion",
+    "SuggestionGenerator",
+    "run_to_end",
+]
+
+
+class _Checkpoint:
+    """See :data:`CHECKPOINT`"""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "CHECKPOINT"
+
+
+#: What a resumable policy yields, instead of a suggestion, in the middle of work
+#: that suggests nothing for a long time (bookkeeping over every key it tracks,
+#: planning): the manager may suspend the cycle there if its time slice is up, and
+#: sends None back. Yielded by a policy that is not resumable, it is ignored.
+CHECKPOINT: Any = _Checkpoint()
+
+
+def run_to_end(steps: Generator[Any, Any, T]) -> T:
+    """Run a generator that only yields :data:`CHECKPOINT` to the end, and return
+    its return value: a policy's bookkeeping step, called outside a cycle.
+    """
+    while True:
+        try:
+            next(steps)
+        except StopIteration as stop:
+            return stop.value  # type: ignore[no-any-return]
 
 
 class ActiveMemoryManagerPolicy(_DistributedPolicy):

@@ -25,7 +25,7 @@ the config ``amm.replicate.keys``, applied whenever such a key is in memory.
 from __future__ import annotations
 
 import numbers
-from collections.abc import Iterable, Mapping, Set
+from collections.abc import Generator, Iterable, Mapping, Set
 from dataclasses import dataclass, field
 from typing import Any, Literal, Union
 
@@ -37,7 +37,13 @@ from distributed.scheduler import TaskState, WorkerState
 
 from amm.config import AMMConfigError, option, parse_duration
 from amm.logs import logger, task_logger
-from amm.policy import ActiveMemoryManagerPolicy, Suggestion, SuggestionGenerator
+from amm.policy import (
+    CHECKPOINT,
+    ActiveMemoryManagerPolicy,
+    Suggestion,
+    SuggestionGenerator,
+    run_to_end,
+)
 
 #: ``n`` meaning every running worker, including those that join later
 ALL: Literal["all"] = "all"
@@ -47,6 +53,9 @@ Replicas = Union[int, Literal["all"]]
 
 #: States in which a key leaves the policy: nobody wants it any more, or it failed
 GONE = frozenset({"released", "forgotten", "erred"})
+
+#: Keys visited by the bookkeeping between two CHECKPOINTs
+CHECKPOINT_EVERY = 1024
 
 
 def parse_n(where: str, n: Any, exc: type[ValueError] = AMMConfigError) -> Replicas:
@@ -290,7 +299,7 @@ class ReplicateN(ActiveMemoryManagerPolicy):
         Configured keys that are not in memory are listed with state None (absent)
         or their state, and 0 replicas.
         """
-        self._prune()
+        run_to_end(self._prune())
         out = []
         for key, target in self._tracked.items():
             _, have, _ = self._count(target)
@@ -384,7 +393,7 @@ class ReplicateN(ActiveMemoryManagerPolicy):
         scheduler = manager.scheduler
         now = self.last_run = time()
         self._apply_config()
-        load = self._prune()
+        load = yield from self._prune()
         if not self._tracked:
             return
 
@@ -398,10 +407,12 @@ class ReplicateN(ActiveMemoryManagerPolicy):
         nrepl = 0
         nkeys = 0
 
-        for key, target in list(self._tracked.items()):
+        for i, (key, target) in enumerate(list(self._tracked.items())):
             if open_ is not None and not open_:
                 logger.debug("ReplicateN: every recipient has its fill of transfers")
                 break
+            if i % CHECKPOINT_EVERY == CHECKPOINT_EVERY - 1:
+                yield CHECKPOINT  # most keys may need nothing: no suggestion for long
             ts = target.ts
             # re-read after a possible suspension: the key may be gone
             if ts.state != "memory" or ts.actor or self._tracked.get(key) is not target:
@@ -428,6 +439,10 @@ class ReplicateN(ActiveMemoryManagerPolicy):
                 nrepl += 1
                 target.inflight[ws] = now + self.retry_after
                 self._with_inflight.add(key)
+                if candidates is not None and candidates is not open_:
+                    # this key's own set: the worker has its copy coming. The
+                    # manager would skip it anyway, but at a cost at every search.
+                    candidates.discard(ws)
                 counts = load.setdefault(ws, [0, 0])
                 counts[0] += 1
                 counts[1] += nbytes
@@ -440,10 +455,8 @@ class ReplicateN(ActiveMemoryManagerPolicy):
                             candidates = open_
                     else:
                         open_.discard(ws)
-                    if candidates is not None and candidates is not open_:
-                        candidates.discard(ws)
-                    if candidates is not None and not candidates:
-                        break
+                if candidates is not None and not candidates:
+                    break
 
         if nrepl:
             logger.debug(
@@ -470,22 +483,33 @@ class ReplicateN(ActiveMemoryManagerPolicy):
         self._tracked.pop(key, None)
         self._with_inflight.discard(key)
 
-    def _prune(self) -> dict[WorkerState, list[int]]:
+    def _prune(self) -> Generator[Any, None, dict[WorkerState, list[int]]]:
         """Forget the keys that are gone and the transfers that arrived, failed or
         timed out. Returns the transfers still in flight to each recipient:
         ``{worker: [keys, bytes]}``.
+
+        This visits every tracked key, so it yields a CHECKPOINT every
+        ``CHECKPOINT_EVERY`` keys: with 100k keys it would otherwise hold the event
+        loop for a few hundred milliseconds before the first suggestion.
         """
         tasks = self.manager.scheduler.tasks
-        for key, target in list(self._tracked.items()):
+        for i, (key, target) in enumerate(list(self._tracked.items())):
+            if i % CHECKPOINT_EVERY == CHECKPOINT_EVERY - 1:
+                yield CHECKPOINT
             ts = target.ts
             if ts.state in GONE or tasks.get(key) is not ts:
-                self._untrack(key)
+                if self._tracked.get(key) is target:
+                    self._untrack(key)
                 task_logger.debug("ReplicateN: %r is %s; no longer tracked", key, ts.state)
 
         now = time()
         load: dict[WorkerState, list[int]] = {}
-        for key in list(self._with_inflight):
-            target = self._tracked[key]
+        for i, key in enumerate(list(self._with_inflight)):
+            if i % CHECKPOINT_EVERY == CHECKPOINT_EVERY - 1:
+                yield CHECKPOINT
+            target = self._tracked.get(key)  # type: ignore[assignment]
+            if target is None:
+                continue  # untracked while the cycle was suspended
             ts = target.ts
             who_has = ts.who_has or _EMPTY
             if ts.state != "memory":

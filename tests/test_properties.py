@@ -162,3 +162,52 @@ def test_order_matches_brute_force(memory, candidates, rejected, required, updat
     assert list(order.ascending()) == sorted(walked, key=key)
     if cands is not None:
         assert order.scan_highest(cands, req, (rej,)) is max(pool, key=key, default=None)  # type: ignore[arg-type]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    memory=st.lists(st.integers(0, 30), min_size=16, max_size=80),
+    members=st.sets(st.integers(0, 79), min_size=5),
+    steps=st.lists(
+        st.tuples(
+            st.sampled_from(["lowest", "highest", "leave", "update"]),
+            st.integers(0, 79),
+            st.integers(0, 30),
+        ),
+        max_size=60,
+    ),
+    excluded=st.sets(st.integers(0, 79), max_size=5),
+    bunched=st.booleans(),
+)
+def test_searches_over_a_shrinking_set_match_brute_force(
+    memory, members, steps, excluded, bunched
+):
+    """A candidate set searched again and again while it loses members and while
+    worker memory changes, as ReplicateN's open recipients or a key's remaining
+    workers are: whether the whole order, or a sub-order of the set, is walked,
+    every answer is the brute-force min/max.
+    """
+    if bunched:
+        # the candidates above every other worker: walks from the low end step over
+        # all the others, and the set gets a sub-order
+        memory = [m + (100 if i in members else 0) for i, m in enumerate(memory)]
+    workers = [object() for _ in memory]
+    mem = dict(zip(workers, memory))
+    order = WorkerMemoryOrder(mem)  # type: ignore[arg-type]
+    cands = {workers[i] for i in members if i < len(workers)}
+    exc = {workers[i] for i in excluded if i < len(workers)}
+
+    def key(ws):
+        return (mem[ws], workers.index(ws))
+
+    for op, i, nbytes in steps:
+        ws = workers[i % len(workers)]
+        if op == "leave":
+            cands.discard(ws)
+        elif op == "update":
+            order.update(ws, nbytes)  # type: ignore[arg-type]
+        else:
+            pool = [w for w in cands if w not in exc]
+            expect = (min if op == "lowest" else max)(pool, key=key, default=None)
+            assert getattr(order, op)(cands, None, (exc,)) is expect
+    assert list(order.ascending()) == sorted(workers, key=key)

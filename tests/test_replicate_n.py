@@ -476,7 +476,8 @@ def test_desired_replicas():
 
 def test_all_candidates_are_the_missing_workers():
     """For "all" the policy names the workers that lack the key, so the manager
-    does not walk past the holders at each suggestion
+    does not walk past the holders, nor past the workers already chosen, at each
+    suggestion
     """
     s, recorder, _, policy, wss = synthetic(6, 1, 100)
     ts = s.tasks["k0"]
@@ -494,14 +495,19 @@ def test_all_candidates_are_the_missing_workers():
                     suggestion = gen.send(choice)
                 except StopIteration:
                     return
-                self.seen.append(suggestion)
                 choice = yield suggestion
+                self.seen.append((suggestion.op, set(suggestion.candidates), choice))
 
     m = ActiveMemoryManager(s, [Spy()], register=False, start=False)
     policy.manager = m
     policy.set(["k0"], "all")
     m.run_once()
-    assert [(op, c) for op, _, c in Spy.seen] == [("replicate", {wss[4], wss[5]})] * 2
+    # the second suggestion names only the worker still lacking the key: the first
+    # one has its copy coming
+    assert Spy.seen == [
+        ("replicate", {wss[4], wss[5]}, wss[4]),
+        ("replicate", {wss[5]}, wss[5]),
+    ]
     assert per_recipient(recorder.pop()) == {wss[4].address: 1, wss[5].address: 1}
 
 
