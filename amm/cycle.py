@@ -43,15 +43,17 @@ JournalEntry = tuple[str, TaskState, WorkerState, int]
 class PolicyRun:
     """A policy being driven through a cycle"""
 
-    __slots__ = ("policy", "suggestions", "choice", "journal", "accepted")
+    __slots__ = ("policy", "suggestions", "choice", "start", "accepted")
 
-    def __init__(self, policy: Any):
+    def __init__(self, policy: Any, start: int):
         self.policy = policy
         self.suggestions: Any = None
         #: what to send into the generator next
         self.choice: WorkerState | None = None
-        #: accepted and not yet sent, for withdrawal if the policy fails
-        self.journal: list[JournalEntry] = []
+        #: where this policy's entries begin in the cycle's unsent journal: policies
+        #: run one after the other, so what it accepted and was not sent yet is
+        #: exactly the journal from there on, to withdraw if the policy fails
+        self.start = start
         self.accepted = 0
 
 
@@ -81,6 +83,7 @@ class Cycle:
         policies: Iterable[Any],
     ):
         self.scheduler = scheduler
+        self._tasks = scheduler.tasks
         #: read afresh at every step, see :meth:`run`
         self.policies = policies
         #: time slices run so far, their total duration, and whether the cycle is
@@ -154,7 +157,7 @@ class Cycle:
 
     def _start(self, policy: Any) -> PolicyRun | None:
         logger.debug("Running policy: %s", policy)
-        run = PolicyRun(policy)
+        run = PolicyRun(policy, len(self._unsent))
         try:
             suggestions = policy.run()
         except Exception:
@@ -182,38 +185,45 @@ class Cycle:
         """
         suggestions = run.suggestions
         send = getattr(suggestions, "send", None)
+        if send is None:
+            send = lambda _: next(suggestions)  # noqa: E731  (a plain iterator)
         resumable = getattr(run.policy, "resumable", False) is True
+        validate, accept = self.validate, self.accept
+        choice = run.choice
         n = 0
-        while True:
-            if resumable and n % 64 == 63 and self._past(deadline):
-                return False
-            n += 1
-            try:
-                raw = send(run.choice) if send else next(suggestions)
-            except StopIteration:
-                self.stats.count_policy(run.policy, run.accepted)
-                return True
-            except Exception:
-                self._policy_failed(run, "raised")
-                return True
-            if raw is CHECKPOINT:
-                run.choice = None
-                if resumable and self._past(deadline):
+        try:
+            while True:
+                if resumable and n & 63 == 63 and self._past(deadline):
                     return False
-                continue
-            try:
-                suggestion = self.validate(raw)
-            except InvalidSuggestion as e:
-                self._policy_failed(run, str(e), exc=False)
-                _close(suggestions)
-                return True
-            run.choice = self.accept(suggestion, run.journal)
-            if run.choice is not None:
-                run.accepted += 1
+                n += 1
+                try:
+                    raw = send(choice)
+                except StopIteration:
+                    self.stats.count_policy(run.policy, run.accepted)
+                    return True
+                except Exception:
+                    self._policy_failed(run, "raised")
+                    return True
+                if raw is CHECKPOINT:
+                    choice = None
+                    if resumable and self._past(deadline):
+                        return False
+                    continue
+                try:
+                    op, ts, candidates = validate(raw)
+                except InvalidSuggestion as e:
+                    self._policy_failed(run, str(e), exc=False)
+                    _close(suggestions)
+                    return True
+                choice = accept(op, ts, candidates)
+                if choice is not None:
+                    run.accepted += 1
+        finally:
+            run.choice = choice
 
     def _policy_failed(self, run: PolicyRun, reason: str, exc: bool = True) -> None:
-        withdrawn = len(run.journal)
-        self.rollback(run.journal)
+        withdrawn = len(self._unsent) - run.start
+        self.rollback(run.start)
         self.stats.policy_errors += 1
         logger.error(
             "Policy %r %s; its %d suggestions of this cycle are withdrawn",
@@ -229,6 +239,21 @@ class Cycle:
         """Turn what a policy yielded into a Suggestion, or raise InvalidSuggestion
         naming what is wrong with it.
         """
+        # The common case, checked with the fewest operations: a Suggestion or
+        # plain tuple about a task of this scheduler, without candidates or with a
+        # set checked already
+        if type(raw) is Suggestion or type(raw) is tuple and len(raw) == 3:
+            op, ts, candidates = raw
+            if (
+                op in _OPS
+                and type(ts) is TaskState
+                and self._tasks.get(ts.key) is ts
+                and (
+                    candidates is None
+                    or self._checked_candidates.get(id(candidates)) is candidates
+                )
+            ):
+                return raw  # type: ignore[no-any-return]
         if type(raw) is not Suggestion:
             if not isinstance(raw, tuple) or not 2 <= len(raw) <= 3:
                 raise InvalidSuggestion(
@@ -238,7 +263,7 @@ class Cycle:
                 )
             raw = Suggestion(*raw)
         op, ts, candidates = raw
-        if op not in ("replicate", "drop"):
+        if op not in _OPS:
             raise InvalidSuggestion(
                 f"yielded op {reprlib.repr(op)}; expected 'replicate' or 'drop'"
             )
@@ -246,7 +271,7 @@ class Cycle:
             raise InvalidSuggestion(
                 f"yielded {reprlib.repr(ts)} where a TaskState was expected"
             )
-        if self.scheduler.tasks.get(ts.key) is not ts and ts.state != "forgotten":
+        if self._tasks.get(ts.key) is not ts and ts.state != "forgotten":
             # A forgotten key is a race the policy could not see coming (the key was
             # released while the policy was suspended); find_* reject it quietly.
             raise InvalidSuggestion(f"yielded key {ts.key!r}, unknown to the scheduler")
@@ -281,53 +306,48 @@ class Cycle:
         return candidates
 
     def accept(
-        self, suggestion: Suggestion, journal: list[JournalEntry]
+        self, op: str, ts: TaskState, candidates: Set[WorkerState] | None
     ) -> WorkerState | None:
         """Apply a valid suggestion if the invariants allow it; return the chosen
         worker or None.
         """
-        op, ts, candidates = suggestion
         entry = self.pending.get(ts)
-        pending_repl, pending_drop = entry if entry else (_EMPTY, _EMPTY)
-
-        memory = self.memory
         if op == "replicate":
-            ws = self.find_recipient(ts, candidates, pending_repl)
+            ws = self.find_recipient(ts, candidates, entry[0] if entry else _EMPTY)
             if ws is None:
                 self.stats.replicate_rejected += 1
                 return None
             delta = ts.get_nbytes()
-            if not entry:
-                entry = self.pending[ts] = (set(), set())
-            entry[0].add(ws)
+            if entry:
+                entry[0].add(ws)
+            else:
+                self.pending[ts] = ({ws}, set())
         else:
-            ws = self.find_dropper(ts, candidates, pending_drop)
+            ws = self.find_dropper(ts, candidates, entry[1] if entry else _EMPTY)
             if ws is None:
                 self.stats.drop_rejected += 1
                 return None
-            delta = -min(ts.get_nbytes(), memory[ws])
-            if not entry:
-                entry = self.pending[ts] = (set(), set())
-            entry[1].add(ws)
-        self.order.update(ws, memory[ws] + delta)
-        record = (op, ts, ws, delta)
-        journal.append(record)
-        self._unsent.append(record)
+            delta = -min(ts.get_nbytes(), self.memory[ws])  # never below zero
+            if entry:
+                entry[1].add(ws)
+            else:
+                self.pending[ts] = (set(), {ws})
+        self.order.update(ws, delta)
+        self._unsent.append((op, ts, ws, delta))
         return ws
 
-    def rollback(self, journal: list[JournalEntry]) -> None:
-        """Withdraw accepted suggestions, newest first. The journal only holds what
-        was not sent yet: :meth:`enact` clears it.
+    def rollback(self, start: int = 0) -> None:
+        """Withdraw the accepted suggestions not sent yet from position ``start`` of
+        the journal on, newest first
         """
-        withdrawn = {id(entry) for entry in journal}
-        self._unsent = [e for e in self._unsent if id(e) not in withdrawn]
-        for op, ts, ws, delta in reversed(journal):
+        withdrawn = self._unsent[start:]
+        del self._unsent[start:]
+        for op, ts, ws, delta in reversed(withdrawn):
             pending_repl, pending_drop = self.pending[ts]
             (pending_repl if op == "replicate" else pending_drop).discard(ws)
             if not pending_repl and not pending_drop:
                 del self.pending[ts]
-            self.order.update(ws, self.memory[ws] - delta)
-        journal.clear()
+            self.order.update(ws, -delta)
 
     def _reject(
         self, op: str, ts: TaskState, candidates: Any, reason: str, *args: Any
@@ -354,7 +374,8 @@ class Cycle:
             return None
         who_has = ts.who_has or _EMPTY
         running = self.running
-        choice = self.order.lowest(candidates, running, (who_has, pending_repl))
+        exclude = (who_has, pending_repl) if pending_repl else (who_has,)
+        choice = self.order.lowest(candidates, running, exclude)
         if choice is None:
             if self.log_tasks:
                 self._reject(
@@ -490,16 +511,15 @@ class Cycle:
         """
         unsent, self._unsent = self._unsent, []
         if self._current is not None:
-            self._current.journal.clear()  # what was sent can't be withdrawn
+            self._current.start = 0  # what was sent can't be withdrawn
         if not unsent:
             return
         start = perf_counter()
         validate = self.scheduler.validate
+        pending = self.pending
         repl_by_worker: defaultdict[WorkerState, list[Key]] = defaultdict(list)
         drop_by_worker: defaultdict[WorkerState, list[Key]] = defaultdict(list)
-        tasks = set()
         for op, ts, ws, _ in unsent:
-            tasks.add(ts)
             if op == "replicate":
                 if validate:
                     assert ws not in (ts.who_has or ()), (ts, ws)
@@ -507,9 +527,17 @@ class Cycle:
             else:
                 if validate:
                     assert ws in (ts.who_has or ()), (ts, ws)
-                    assert ts.who_has - self.pending[ts][1], ts  # type: ignore[operator]
+                    assert ts.who_has - pending[ts][1], ts  # type: ignore[operator]
                 drop_by_worker[ws].append(ts.key)
-        logger.debug("Enacting suggestions for %d tasks:", len(tasks))
+                # the scheduler forgets the replica as the message goes out
+                pending_repl, pending_drop = pending[ts]
+                pending_drop.discard(ws)
+                if not pending_repl and not pending_drop:
+                    del pending[ts]
+        if logger.isEnabledFor(logging.DEBUG):
+            # distributed's wording, which its tests and users' log filters match
+            ntasks = len({ts for _, ts, _, _ in unsent})
+            logger.debug("Enacting suggestions for %d tasks:", ntasks)
 
         stimulus_id = f"active_memory_manager-{time()}"
         for ws, keys in repl_by_worker.items():
@@ -521,12 +549,6 @@ class Cycle:
             self._send(self.scheduler.request_remove_replicas, ws, keys, stimulus_id)
             self.stats.drops_requested += len(keys)
 
-        for op, ts, ws, _ in unsent:
-            if op == "drop":
-                pending_repl, pending_drop = self.pending[ts]
-                pending_drop.discard(ws)
-                if not pending_repl and not pending_drop:
-                    del self.pending[ts]
         # the highest seen in this cycle: it varies by a third from one send to
         # the next, and underestimating it is what makes a slice overrun
         self.send_cost = max(self.send_cost, (perf_counter() - start) / len(unsent))
@@ -547,6 +569,7 @@ class Cycle:
 
 
 _EMPTY: frozenset[Any] = frozenset()
+_OPS = frozenset({"replicate", "drop"})
 
 
 def _why_no_recipient(

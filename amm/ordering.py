@@ -136,14 +136,18 @@ class WorkerMemoryOrder:
     def key(self, ws: WorkerState) -> tuple[int, int]:
         return self.memory[ws], self._rank[ws]
 
-    def update(self, ws: WorkerState, nbytes: int) -> None:
-        """Set the expected memory of ``ws``"""
+    def update(self, ws: WorkerState, delta: int) -> None:
+        """Add ``delta`` bytes to the expected memory of ``ws``"""
+        memory = self.memory
+        old = memory[ws]
+        memory[ws] = old + delta
         if ws in self._all.members:
-            old = self.memory[ws]
-            for sorted_ in (self._all, *self._views.values()):
-                if ws not in sorted_.stale and ws in sorted_.members:
-                    sorted_.stale[ws] = old
-        self.memory[ws] = nbytes
+            stale = self._all.stale
+            if ws not in stale:
+                stale[ws] = old
+            for view in self._views.values():
+                if ws not in view.stale and ws in view.members:
+                    view.stale[ws] = old
 
     def ascending(self) -> Iterator[WorkerState]:
         self._all.catch_up(self.memory, self._rank)

@@ -1,5 +1,10 @@
 """The base class of this project's policies, and the ordered set that holds the
 policies of a manager.
+
+The policies of this project yield plain ``(op, ts, candidates)`` tuples rather
+than :class:`Suggestion`: the manager takes both, and building the namedtuple costs
+a Python-level ``__new__`` call (0.5 us against 0.06 us for a tuple), a fifth of
+what ReduceReplicas spends per suggestion.
 """
 
 from __future__ import annotations

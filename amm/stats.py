@@ -44,6 +44,8 @@ class ManagerStats:
     total: CycleStats = field(default_factory=CycleStats)
     #: time spent by the last cycle on the event loop, over all its slices
     last_cycle_seconds: float = 0.0
+    #: time slices the last cycle was split in
+    last_cycle_slices: int = 0
     max_cycle_seconds: float = 0.0
     total_cycle_seconds: float = 0.0
     #: longest time the manager held the event loop in one go
@@ -57,6 +59,7 @@ class ManagerStats:
         self.cycles_sliced += slices > 1
         self.total.add(cycle)
         self.last_cycle_seconds = seconds
+        self.last_cycle_slices = slices
         self.max_cycle_seconds = max(self.max_cycle_seconds, seconds)
         self.total_cycle_seconds += seconds
 

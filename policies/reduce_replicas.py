@@ -7,7 +7,7 @@ from collections.abc import Iterable
 from distributed.scheduler import TaskState
 
 from amm.logs import logger
-from amm.policy import ActiveMemoryManagerPolicy, Suggestion, SuggestionGenerator
+from amm.policy import ActiveMemoryManagerPolicy, SuggestionGenerator
 
 #: Above this many waiters, don't look at where they run: assume each may need its
 #: own replica. Telling them apart costs a set build per key per cycle.
@@ -77,7 +77,7 @@ class ReduceReplicas(ActiveMemoryManagerPolicy):
                 nkeys += 1
                 ndrop += ndrop_key
                 for _ in range(ndrop_key):
-                    yield Suggestion("drop", ts)
+                    yield ("drop", ts, None)  # a plain tuple: see amm.policy
 
         if ndrop:
             logger.debug(

@@ -40,7 +40,6 @@ from amm.logs import logger, task_logger
 from amm.policy import (
     CHECKPOINT,
     ActiveMemoryManagerPolicy,
-    Suggestion,
     SuggestionGenerator,
     run_to_end,
 )
@@ -433,7 +432,7 @@ class ReplicateN(ActiveMemoryManagerPolicy):
             for _ in range(missing):
                 if ts.state != "memory":
                     break  # released while this policy was suspended
-                ws = yield Suggestion("replicate", ts, candidates)
+                ws = yield ("replicate", ts, candidates)  # a plain tuple: see amm.policy
                 if ws is None:
                     break  # no running worker without the key is left to receive it
                 nrepl += 1

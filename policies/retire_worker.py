@@ -33,7 +33,7 @@ from distributed.scheduler import TaskState, WorkerState
 
 from amm.config import AMMConfigError, option, parse_duration
 from amm.logs import logger
-from amm.policy import ActiveMemoryManagerPolicy, Suggestion, SuggestionGenerator
+from amm.policy import ActiveMemoryManagerPolicy, SuggestionGenerator
 
 #: Values accepted by ``amm.retire.on-timeout``
 ON_TIMEOUT = ("abort", "close")
@@ -157,7 +157,7 @@ class RetireWorker(ActiveMemoryManagerPolicy, _DistributedRetireWorker):
                 # here), try again next cycle; but if every replica is on a worker
                 # that is leaving, a copy must be made on a running one.
                 requested.pop(ts, None)
-                if (yield Suggestion("drop", ts, only_ws)):
+                if (yield ("drop", ts, only_ws)):  # a plain tuple: see amm.policy
                     continue
                 if (ts.who_has or _EMPTY) & running:
                     continue
@@ -178,9 +178,9 @@ class RetireWorker(ActiveMemoryManagerPolicy, _DistributedRetireWorker):
                 if previous is not None and previous in running
                 else None
             )
-            choice = yield Suggestion("replicate", ts, candidates)
+            choice = yield ("replicate", ts, candidates)
             if choice is None and candidates is not None:
-                choice = yield Suggestion("replicate", ts)
+                choice = yield ("replicate", ts, None)
             if choice is not None:
                 requested[ts] = choice
             elif ts.state == "memory" and ws in (ts.who_has or _EMPTY) and not (

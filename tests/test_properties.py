@@ -143,7 +143,7 @@ def test_order_matches_brute_force(memory, candidates, rejected, required, updat
     order = WorkerMemoryOrder(mem, walkable)  # type: ignore[arg-type]
     for i, nbytes in updates:
         if i < len(workers):
-            order.update(workers[i], nbytes)  # type: ignore[arg-type]
+            order.update(workers[i], nbytes - mem[workers[i]])  # type: ignore[arg-type]
     cands = None if candidates is None else {workers[i] for i in candidates if i < len(workers)}
     rej = {workers[i] for i in rejected if i < len(workers)}
     req = None if required is None else {workers[i] for i in required if i < len(workers)}
@@ -205,7 +205,7 @@ def test_searches_over_a_shrinking_set_match_brute_force(
         if op == "leave":
             cands.discard(ws)
         elif op == "update":
-            order.update(ws, nbytes)  # type: ignore[arg-type]
+            order.update(ws, nbytes - mem[ws])  # type: ignore[arg-type]
         else:
             pool = [w for w in cands if w not in exc]
             expect = (min if op == "lowest" else max)(pool, key=key, default=None)

@@ -496,7 +496,8 @@ def test_all_candidates_are_the_missing_workers():
                 except StopIteration:
                     return
                 choice = yield suggestion
-                self.seen.append((suggestion.op, set(suggestion.candidates), choice))
+                op, _, candidates = suggestion
+                self.seen.append((op, set(candidates), choice))
 
     m = ActiveMemoryManager(s, [Spy()], register=False, start=False)
     policy.manager = m

@@ -7,6 +7,7 @@ import asyncio
 from distributed.utils_test import gen_cluster
 
 from amm import ActiveMemoryManager, ActiveMemoryManagerPolicy, ReduceReplicas, Suggestion
+from amm.policy import CHECKPOINT
 from amm.testing import Recorder, add_task, add_worker, new_scheduler
 from conftest import amm_config
 
@@ -69,3 +70,46 @@ async def test_sliced_cycle_yields_the_event_loop(c, s, a, b):
     while any(len(s.tasks[f"x{i}"].who_has) > 1 for i in range(200)):
         await asyncio.sleep(0.01)
     assert await c.gather(list(x.values())) == list(range(200))
+
+
+class Bookkeeping(ActiveMemoryManagerPolicy):
+    """Long work that suggests nothing, with CHECKPOINTs in it, then one drop"""
+
+    resumable = True
+
+    def __init__(self, steps):
+        self.steps = steps
+        self.visited = []
+
+    def run(self):
+        for i in range(self.steps):
+            self.visited.append(i)
+            yield CHECKPOINT
+        ts = next(iter(self.manager.scheduler.replicated_tasks))
+        yield Suggestion("drop", ts)
+
+
+def test_checkpoint_suspends_a_resumable_policy():
+    s, recorder, wss = synthetic(nkeys=1)
+    policy = Bookkeeping(5)
+    m = ActiveMemoryManager(s, [policy], register=False, start=False)
+    m.time_slice = 0
+    m.run_once()
+    # one slice per checkpoint, then one for the drop; nothing was lost or redone
+    assert m.stats.cycles == 1
+    assert m.stats.last_cycle_slices == 6
+    assert policy.visited == list(range(5))
+    assert m.stats.total.drops_requested == 1
+
+
+def test_checkpoint_is_ignored_in_a_policy_not_declaring_resumable():
+    s, recorder, wss = synthetic(nkeys=1)
+
+    class NotResumableBookkeeping(Bookkeeping):
+        resumable = False
+
+    m = ActiveMemoryManager(s, [NotResumableBookkeeping(5)], register=False, start=False)
+    m.time_slice = 0
+    m.run_once()
+    assert m.stats.last_cycle_slices == 1
+    assert m.stats.total.drops_requested == 1
