@@ -32,7 +32,12 @@ from distributed.scheduler import TaskState, WorkerState
 from amm import config
 from amm.config import AMMConfigError
 from amm.logs import logger
-from amm.policy import ActiveMemoryManagerPolicy, Suggestion, SuggestionGenerator
+from amm.policy import (
+    CHECKPOINT,
+    ActiveMemoryManagerPolicy,
+    Suggestion,
+    SuggestionGenerator,
+)
 
 #: Where a ``null`` threshold in the ``amm.rebalance`` section is read from
 DISTRIBUTED_THRESHOLDS = {
@@ -51,6 +56,8 @@ DISTRIBUTED_THRESHOLDS = {
 CANDIDATE_BYTES_FACTOR = 2
 MIN_CANDIDATES = 16
 MAX_KEYS_SCANNED = 10_000
+#: Keys tried without a suggestion between two CHECKPOINTs
+CHECKPOINT_EVERY = 256
 
 #: A key with more waiting dependents than this is not moved: telling whether one of
 #: them runs on the sender would cost a scan of all of them.
@@ -486,6 +493,7 @@ class Rebalance(ActiveMemoryManagerPolicy):
         heapq.heapify(snd_heap)
         heapq.heapify(rec_heap)
         pending = self.manager.pending
+        skipped = 0
 
         while snd_heap and rec_heap:
             snd = snd_heap[0][2]
@@ -494,7 +502,13 @@ class Rebalance(ActiveMemoryManagerPolicy):
                 continue
             if snd.candidates is None:
                 snd.candidates = iter(self._candidates(snd))
+                yield CHECKPOINT  # listing them may have taken a while
             for ts in snd.candidates:
+                skipped += 1
+                if skipped % CHECKPOINT_EVERY == 0:
+                    # many keys in a row that fit no recipient: suggest nothing for
+                    # long. Everything below is re-checked after a suspension.
+                    yield CHECKPOINT
                 nbytes = ts.get_nbytes()
                 if snd.memory - nbytes < snd.bound:
                     # would take the sender below its floor; a smaller key may fit
