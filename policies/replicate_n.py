@@ -54,7 +54,7 @@ Replicas = Union[int, Literal["all"]]
 GONE = frozenset({"released", "forgotten", "erred"})
 
 #: Keys visited by the bookkeeping between two CHECKPOINTs
-CHECKPOINT_EVERY = 1024
+CHECKPOINT_EVERY = 256
 
 
 def parse_n(where: str, n: Any, exc: type[ValueError] = AMMConfigError) -> Replicas:
@@ -177,9 +177,10 @@ class ReplicateN(ActiveMemoryManagerPolicy):
     **Each cycle**, for every tracked key in memory, it asks the manager for as many
     replicas as are missing, minus those already in flight. For ``n`` an int the
     candidates are ``None`` (the manager picks the least loaded running worker in
-    ~O(log W)); for ``"all"`` they are the running workers that lack the key, so
-    the cost is linear in what is missing rather than a scan of the holders for
-    each suggestion.
+    ~O(log W)); for ``"all"`` they are the running workers that lack the key, and
+    each worker chosen leaves the set, so the cost is linear in what is missing
+    rather than a scan of the holders (and of the workers already chosen) for
+    each suggestion. The manager keeps a sorted sub-order of such a shrinking set.
 
     **Bounded bursts.** A recipient stops being offered new keys for the rest of a
     cycle once it has ``max_per_worker["keys"]`` keys or ``max_per_worker["bytes"]``
