@@ -404,6 +404,7 @@ class ReplicateN(ActiveMemoryManagerPolicy):
         full = {ws for ws, (k, b) in load.items() if self._is_full(k, b)}
         open_: set[WorkerState] | None = set(scheduler.running) - full if full else None
         pools: dict[frozenset[str], set[WorkerState]] = {}
+        pending = manager.pending  # the same dict for the whole cycle
         nrepl = 0
         nkeys = 0
 
@@ -419,7 +420,7 @@ class ReplicateN(ActiveMemoryManagerPolicy):
                 continue
             pool, have, goal = self._count(target, pools)
             missing = goal - have - len(target.inflight)
-            entry = manager.pending.get(ts)
+            entry = pending.get(ts)
             if entry:
                 missing -= len(entry[0])  # another policy already asked for copies
             if missing <= 0:

@@ -130,6 +130,7 @@ class RetireWorker(ActiveMemoryManagerPolicy, _DistributedRetireWorker):
             return
 
         running = scheduler.running
+        pending = manager.pending  # the same dict for the whole cycle
         requested = self._requested
         # One set object for every drop: the manager checks a candidate set once
         # per cycle, by identity
@@ -163,8 +164,8 @@ class RetireWorker(ActiveMemoryManagerPolicy, _DistributedRetireWorker):
                     continue
 
             nrepl += 1
-            pending = manager.pending.get(ts)
-            if pending and pending[0]:
+            entry = pending.get(ts)
+            if entry and entry[0]:
                 continue  # another policy already asked for a replica in this cycle
 
             # Ask again at every cycle, as distributed does: a recipient that lost
