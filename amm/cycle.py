@@ -343,11 +343,15 @@ class Cycle:
         withdrawn = self._unsent[start:]
         del self._unsent[start:]
         for op, ts, ws, delta in reversed(withdrawn):
-            pending_repl, pending_drop = self.pending[ts]
-            (pending_repl if op == "replicate" else pending_drop).discard(ws)
-            if not pending_repl and not pending_drop:
-                del self.pending[ts]
+            self._unpend(op, ts, ws)
             self.order.update(ws, -delta)
+
+    def _unpend(self, op: str, ts: TaskState, ws: WorkerState) -> None:
+        """Remove ``ws`` from the pending replications or drops of ``ts``"""
+        pending_repl, pending_drop = self.pending[ts]
+        (pending_repl if op == "replicate" else pending_drop).discard(ws)
+        if not pending_repl and not pending_drop:
+            del self.pending[ts]
 
     def _reject(
         self, op: str, ts: TaskState, candidates: Any, reason: str, *args: Any
@@ -530,10 +534,7 @@ class Cycle:
                     assert ts.who_has - pending[ts][1], ts  # type: ignore[operator]
                 drop_by_worker[ws].append(ts.key)
                 # the scheduler forgets the replica as the message goes out
-                pending_repl, pending_drop = pending[ts]
-                pending_drop.discard(ws)
-                if not pending_repl and not pending_drop:
-                    del pending[ts]
+                self._unpend(op, ts, ws)
         if logger.isEnabledFor(logging.DEBUG):
             # distributed's wording, which its tests and users' log filters match
             ntasks = len({ts for _, ts, _, _ in unsent})

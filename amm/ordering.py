@@ -127,15 +127,6 @@ class WorkerMemoryOrder:
         self._scan_limit = max(4, isqrt(len(memory)))
         self._views = {}
 
-    def __len__(self) -> int:
-        return len(self._all.entries)
-
-    def __contains__(self, ws: object) -> bool:
-        return ws in self._rank
-
-    def key(self, ws: WorkerState) -> tuple[int, int]:
-        return self.memory[ws], self._rank[ws]
-
     def update(self, ws: WorkerState, delta: int) -> None:
         """Add ``delta`` bytes to the expected memory of ``ws``"""
         memory = self.memory
@@ -150,13 +141,9 @@ class WorkerMemoryOrder:
                     view.stale[ws] = old
 
     def ascending(self) -> Iterator[WorkerState]:
+        """The walkable workers, least loaded first"""
         self._all.catch_up(self.memory, self._rank)
         for _, _, ws in self._all.entries:
-            yield ws
-
-    def descending(self) -> Iterator[WorkerState]:
-        self._all.catch_up(self.memory, self._rank)
-        for _, _, ws in reversed(self._all.entries):
             yield ws
 
     def lowest(
