@@ -53,7 +53,7 @@ from amm.testing import Recorder, add_task, add_worker, apply_cycle, new_schedul
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
 #: Give up converging after this many cycles
-MAX_CYCLES = 200
+MAX_CYCLES = 500
 #: Consecutive cycles that send nothing after which a scenario has converged
 IDLE_CYCLES = 4
 #: Skip the convergence run of a side whose single cycle took longer than this

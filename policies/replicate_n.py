@@ -41,7 +41,6 @@ from amm.policy import (
     CHECKPOINT,
     ActiveMemoryManagerPolicy,
     SuggestionGenerator,
-    run_to_end,
 )
 
 #: ``n`` meaning every running worker, including those that join later
@@ -55,6 +54,13 @@ GONE = frozenset({"released", "forgotten", "erred"})
 
 #: Keys visited by the bookkeeping between two CHECKPOINTs
 CHECKPOINT_EVERY = 256
+
+#: Every tracked key is re-read at least once in this many cycles, even when
+#: nothing says it needs work (see ``ReplicateN._keys_to_visit``)...
+AUDIT_CYCLES = 32
+#: ...and at least this many keys are re-read per cycle, so that a few thousand
+#: tracked keys are all re-read at every cycle
+AUDIT_MIN_KEYS = 1024
 
 
 def parse_n(where: str, n: Any, exc: type[ValueError] = AMMConfigError) -> Replicas:
@@ -182,6 +188,17 @@ class ReplicateN(ActiveMemoryManagerPolicy):
     rather than a scan of the holders (and of the workers already chosen) for
     each suggestion. The manager keeps a sorted sub-order of such a shrinking set.
 
+    **Only the keys that need work.** A cycle visits the keys that are short of
+    their target (new keys, keys the last cycle could not finish, keys whose
+    transfer failed or timed out), not every tracked key: replicating 100k keys
+    onto a few workers takes hundreds of bounded cycles, and each would otherwise
+    re-read all 100k. A change in the running workers (one left, paused, retired
+    or joined) makes every key due again, since that is how replicas are lost and
+    how ``"all"`` grows. Anything else (a worker that lost a replica without
+    leaving, a key released) is caught by a rolling audit that re-reads every key
+    at least once in ``AUDIT_CYCLES`` cycles; with up to ``AUDIT_MIN_KEYS`` keys,
+    that is every cycle.
+
     **Bounded bursts.** A recipient stops being offered new keys for the rest of a
     cycle once it has ``max_per_worker["keys"]`` keys or ``max_per_worker["bytes"]``
     bytes in flight (the last key may cross the byte bound, so that a key larger
@@ -244,6 +261,13 @@ class ReplicateN(ActiveMemoryManagerPolicy):
         self._tracked: dict[Key, Target] = {}
         #: Keys of targets with replications in flight
         self._with_inflight: set[Key] = set()
+        #: Keys to visit at the next cycle (an insertion-ordered set)
+        self._due: dict[Key, None] = {}
+        #: The rolling audit: a snapshot of the tracked keys and how far it got
+        self._audit: list[Key] = []
+        self._audit_at = 0
+        #: The running workers when the due keys were last all re-read
+        self._running_seen: frozenset[WorkerState] = frozenset()
         self.last_run = 0.0
 
     def __repr__(self) -> str:
@@ -279,6 +303,7 @@ class ReplicateN(ActiveMemoryManagerPolicy):
             old = self._tracked.get(ts.key)
             inflight = old.inflight if old is not None and old.ts is ts else {}
             self._tracked[ts.key] = Target(ts, n, workers, "api", inflight)
+            self._due[ts.key] = None
         # DEBUG: scatter(broadcast=True) in a loop would flood INFO
         logger.debug(
             "ReplicateN: keeping %s replicas of %d keys%s",
@@ -299,7 +324,7 @@ class ReplicateN(ActiveMemoryManagerPolicy):
         Configured keys that are not in memory are listed with state None (absent)
         or their state, and 0 replicas.
         """
-        run_to_end(self._prune())
+        self._forget_gone()
         out = []
         for key, target in self._tracked.items():
             _, have, _ = self._count(target)
@@ -393,9 +418,10 @@ class ReplicateN(ActiveMemoryManagerPolicy):
         scheduler = manager.scheduler
         now = self.last_run = time()
         self._apply_config()
-        load = yield from self._prune()
+        load = yield from self._settle_inflight()
         if not self._tracked:
             return
+        visit = self._keys_to_visit()
 
         # Recipients that can take no more in this cycle, and, once there is any,
         # the running workers that still can. Both only shrink during the run, so
@@ -405,25 +431,38 @@ class ReplicateN(ActiveMemoryManagerPolicy):
         open_: set[WorkerState] | None = set(scheduler.running) - full if full else None
         pools: dict[frozenset[str], set[WorkerState]] = {}
         pending = manager.pending  # the same dict for the whole cycle
+        tasks = scheduler.tasks
+        due = self._due
         nrepl = 0
         nkeys = 0
 
-        for i, (key, target) in enumerate(list(self._tracked.items())):
+        for i, key in enumerate(visit):
             if open_ is not None and not open_:
+                # the keys not visited stay due
                 logger.debug("ReplicateN: every recipient has its fill of transfers")
                 break
             if i % CHECKPOINT_EVERY == CHECKPOINT_EVERY - 1:
                 yield CHECKPOINT  # most keys may need nothing: no suggestion for long
-            ts = target.ts
             # re-read after a possible suspension: the key may be gone
-            if ts.state != "memory" or ts.actor or self._tracked.get(key) is not target:
+            target = self._tracked.get(key)  # type: ignore[assignment]
+            if target is None:
+                due.pop(key, None)
                 continue
+            ts = target.ts
+            if ts.state in GONE or tasks.get(key) is not ts:
+                self._untrack(key)
+                task_logger.debug("ReplicateN: %r is %s; no longer tracked", key, ts.state)
+                continue
+            if ts.state != "memory" or ts.actor:
+                continue  # due until it lands
             pool, have, goal = self._count(target, pools)
-            missing = goal - have - len(target.inflight)
+            # more than the workers it may use is out of reach: don't ask for it
+            missing = min(goal, len(pool)) - have - len(target.inflight)
             entry = pending.get(ts)
             if entry:
                 missing -= len(entry[0])  # another policy already asked for copies
             if missing <= 0:
+                due.pop(key, None)
                 continue
 
             candidates = self._candidates(target, pool, open_)
@@ -431,6 +470,7 @@ class ReplicateN(ActiveMemoryManagerPolicy):
                 continue
             nkeys += 1
             nbytes = ts.get_nbytes()
+            placed = 0
             for _ in range(missing):
                 if ts.state != "memory":
                     break  # released while this policy was suspended
@@ -438,6 +478,7 @@ class ReplicateN(ActiveMemoryManagerPolicy):
                 if ws is None:
                     break  # no running worker without the key is left to receive it
                 nrepl += 1
+                placed += 1
                 target.inflight[ws] = now + self.retry_after
                 self._with_inflight.add(key)
                 if candidates is not None and candidates is not open_:
@@ -458,6 +499,8 @@ class ReplicateN(ActiveMemoryManagerPolicy):
                         open_.discard(ws)
                 if candidates is not None and not candidates:
                     break
+            if placed == missing:
+                due.pop(key, None)  # all asked for: due again only if a transfer fails
 
         if nrepl:
             logger.debug(
@@ -478,32 +521,35 @@ class ReplicateN(ActiveMemoryManagerPolicy):
             ts = tasks.get(key)
             if ts is not None and ts.state == "memory" and not ts.actor:
                 self._tracked[key] = Target(ts, n, None, "config")
+                self._due[key] = None
                 logger.debug("ReplicateN: keeping %s replicas of %r (config)", n, key)
 
     def _untrack(self, key: Key) -> None:
         self._tracked.pop(key, None)
         self._with_inflight.discard(key)
+        self._due.pop(key, None)
 
-    def _prune(self) -> Generator[Any, None, dict[WorkerState, list[int]]]:
-        """Forget the keys that are gone and the transfers that arrived, failed or
-        timed out. Returns the transfers still in flight to each recipient:
-        ``{worker: [keys, bytes]}``.
-
-        This visits every tracked key, so it yields a CHECKPOINT every
-        ``CHECKPOINT_EVERY`` keys: with 100k keys it would otherwise hold the event
-        loop for a few hundred milliseconds before the first suggestion.
+    def _forget_gone(self) -> None:
+        """Stop tracking the keys that are gone, all at once (a cycle finds them
+        as it visits them)
         """
         tasks = self.manager.scheduler.tasks
-        for i, (key, target) in enumerate(list(self._tracked.items())):
-            if i % CHECKPOINT_EVERY == CHECKPOINT_EVERY - 1:
-                yield CHECKPOINT
+        for key, target in list(self._tracked.items()):
             ts = target.ts
             if ts.state in GONE or tasks.get(key) is not ts:
-                if self._tracked.get(key) is target:
-                    self._untrack(key)
+                self._untrack(key)
                 task_logger.debug("ReplicateN: %r is %s; no longer tracked", key, ts.state)
 
+    def _settle_inflight(self) -> Generator[Any, None, dict[WorkerState, list[int]]]:
+        """Forget the transfers that arrived, failed or timed out; a key whose
+        transfer did not arrive is due again. Returns the transfers still in
+        flight to each recipient: ``{worker: [keys, bytes]}``.
+
+        In-flight transfers number up to ``max_per_worker`` per worker, so this
+        yields a CHECKPOINT every ``CHECKPOINT_EVERY`` keys.
+        """
         now = time()
+        due = self._due
         load: dict[WorkerState, list[int]] = {}
         for i, key in enumerate(list(self._with_inflight)):
             if i % CHECKPOINT_EVERY == CHECKPOINT_EVERY - 1:
@@ -515,9 +561,13 @@ class ReplicateN(ActiveMemoryManagerPolicy):
             who_has = ts.who_has or _EMPTY
             if ts.state != "memory":
                 target.inflight.clear()
+                due[key] = None
             for ws, deadline in list(target.inflight.items()):
-                if ws in who_has or ws.status == Status.closed or deadline <= now:
+                if ws in who_has:
                     del target.inflight[ws]
+                elif ws.status == Status.closed or deadline <= now:
+                    del target.inflight[ws]
+                    due[key] = None
                 else:
                     counts = load.setdefault(ws, [0, 0])
                     counts[0] += 1
@@ -525,6 +575,31 @@ class ReplicateN(ActiveMemoryManagerPolicy):
             if not target.inflight:
                 self._with_inflight.discard(key)
         return load
+
+    def _keys_to_visit(self) -> list[Key]:
+        """The keys this cycle visits: the due ones, plus the next stretch of the
+        rolling audit; or every key, if the running workers changed since the last
+        cycle. Visiting a key that needs nothing costs a few microseconds; what
+        this saves is visiting 100k of them at each of hundreds of cycles.
+        """
+        running = self.manager.scheduler.running
+        if running != self._running_seen:
+            # Workers left (with their replicas), paused or retired (their
+            # replicas no longer count), or joined ("all" wants them): any key
+            # may be short. WorkerStates compare by server id, so a worker that
+            # restarted at the same address counts as a change.
+            self._running_seen = frozenset(running)
+            self._due = dict.fromkeys(self._tracked)
+            return list(self._due)
+        if self._audit_at >= len(self._audit):
+            self._audit = list(self._tracked)
+            self._audit_at = 0
+        stretch = max(AUDIT_MIN_KEYS, -(-len(self._audit) // AUDIT_CYCLES))
+        due = self._due
+        # keys untracked since the snapshot are dropped from due when visited
+        due.update(dict.fromkeys(self._audit[self._audit_at : self._audit_at + stretch]))
+        self._audit_at += stretch
+        return list(due)
 
     def _count(
         self,

@@ -22,6 +22,7 @@ from amm import (
     ReduceReplicas,
     ReplicateN,
 )
+from amm.policies.replicate_n import AUDIT_MIN_KEYS
 from amm.replication import Replication, ReplicationClient, install_replication, keys_of
 from amm.testing import Recorder, add_task, add_worker, apply_cycle, new_scheduler
 from conftest import amm_config
@@ -510,6 +511,60 @@ def test_all_candidates_are_the_missing_workers():
         ("replicate", {wss[5]}, wss[5]),
     ]
     assert per_recipient(recorder.pop()) == {wss[4].address: 1, wss[5].address: 1}
+
+
+# -- which keys a cycle visits (synthetic states) -------------------------------------
+
+#: more than a cycle re-reads when nothing changed (replicate_n.AUDIT_MIN_KEYS)
+MANY = 3000
+
+
+def converged(nworkers: int, n: int):
+    """MANY keys at their target of ``n`` replicas, after one unbounded cycle"""
+    s, recorder, m, policy, wss = synthetic(
+        nworkers, MANY, 100, max_per_worker={"keys": None, "bytes": None}
+    )
+    policy.set([f"k{i}" for i in range(MANY)], n)
+    m.run_once()
+    apply_cycle(s, recorder.pop())
+    assert all(len(ts.who_has) == n for ts in s.tasks.values())
+    m.run_once()
+    assert recorder.pop() == []
+    return s, recorder, m, policy, wss
+
+
+def test_a_replica_lost_without_a_worker_leaving_is_found_by_the_audit():
+    """Nothing signals such a loss: the rolling audit finds it, re-reading a
+    stretch of the keys per cycle rather than all of them
+    """
+    s, recorder, m, policy, wss = converged(3, 2)
+    lost = ["k5", f"k{MANY // 2}", f"k{MANY - 1}"]
+    for key in lost:
+        ts = s.tasks[key]
+        s.remove_replica(ts, next(ws for ws in ts.who_has if ws is not wss[0]))
+    recreated: list[set[str]] = []
+    for _ in range(math.ceil(MANY / AUDIT_MIN_KEYS)):
+        m.run_once()
+        sent = recorder.pop()
+        recreated.append({key for _, _, keys in sent for key in keys})
+        apply_cycle(s, sent)
+    assert all(len(s.tasks[key].who_has) == 2 for key in lost)
+    # the keys are a stretch apart: each cycle found one
+    assert [len(keys) for keys in recreated] == [1, 1, 1]
+    assert set().union(*recreated) == set(lost)
+
+
+def test_a_change_in_the_running_workers_makes_every_key_due():
+    s, recorder, m, policy, wss = converged(4, 3)
+    paused = wss[3]
+    on_paused = {ts.key for ts in paused.has_what}
+    assert len(on_paused) > AUDIT_MIN_KEYS  # not all in one audit stretch
+    s.handle_worker_status_change("paused", paused.address, stimulus_id="test")
+    m.run_once()
+    sent = recorder.pop()
+    # a copy on a paused worker no longer counts: every one is made again at once
+    assert {key for _, _, keys in sent for key in keys} == on_paused
+    assert all(addr != paused.address for _, addr, _ in sent)
 
 
 # -- the benchmark -----------------------------------------------------------------
