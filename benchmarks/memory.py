@@ -5,10 +5,16 @@ The workload is amm.demo's: ``(x @ x.T).sum()`` on a LocalCluster of worker
 processes with one thread each; memory is sampled by distributed's MemorySampler
 (process and managed). Each mode gets a fresh cluster.
 
+One run's peak varies by about 5% from the next on the same machine (when exactly
+the workers' threads finish decides which replicas coexist), more than the gaps
+being measured. So the modes run in ``--repeat`` rounds, interleaved (off,
+distributed, amm, off, ...) so that drifts of the machine hit them alike, and the
+table shows each mode's median peak and run time; every run is in the JSON.
+
 Usage::
 
-    python benchmarks/memory.py            # 8 workers, 10k x 10k in 1k chunks
-    python benchmarks/memory.py --quick    # 4 workers, 2k x 2k in 250 chunks
+    python benchmarks/memory.py            # 8 workers, 10k x 10k in 1k chunks, 3 rounds
+    python benchmarks/memory.py --quick    # 4 workers, 2k x 2k in 250 chunks, 1 round
 
 Results go to benchmarks/results/memory{,_quick}.{json,md,png}.
 """
@@ -18,8 +24,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import Any
 
 from amm import demo
@@ -38,17 +45,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--interval", default=None, help="both AMMs (default 2s)")
     parser.add_argument("--memory-limit", default="2.5GiB")
     parser.add_argument("--out", default=RESULTS)
+    parser.add_argument(
+        "--repeat", type=int, help="rounds of all modes; medians are reported (default 3, 1 with --quick)"
+    )
     args = parser.parse_args(argv)
+    args.repeat = args.repeat or (1 if args.quick else 3)
     args.workers = args.workers or (4 if args.quick else 8)
     args.size = args.size or (2000 if args.quick else 10_000)
     args.chunk = args.chunk or (250 if args.quick else 1000)
 
-    results = {}
-    for mode in ORDER:
-        print(f"{LABELS[mode]} ...", flush=True)
-        results[mode] = demo.run(mode, args)
-    values = {round(r.value, 3) for r in results.values()}
+    runs: dict[str, list[demo.Result]] = {mode: [] for mode in ORDER}
+    for round_ in range(args.repeat):
+        for mode in ORDER:
+            print(f"{LABELS[mode]} (round {round_ + 1}/{args.repeat}) ...", flush=True)
+            runs[mode].append(demo.run(mode, args))
+    values = {round(r.value, 3) for rs in runs.values() for r in rs}
     assert len(values) == 1, f"results differ: {values}"
+    results = {mode: median_result(rs) for mode, rs in runs.items()}
 
     off = results["off"]
     rows = []
@@ -79,6 +92,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"(x @ x.T).sum(), x {args.size}x{args.size} float64 in {args.chunk}x{args.chunk} "
         f"chunks, {args.workers} workers x 1 thread, memory_limit {args.memory_limit}, "
         f"AMM interval {args.interval or '2s (default)'}"
+        + (f", median of {args.repeat} interleaved rounds" if args.repeat > 1 else "")
     )
     os.makedirs(args.out, exist_ok=True)
     prefix = os.path.join(args.out, "memory_quick" if args.quick else "memory")
@@ -87,6 +101,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "python": sys.version.split()[0],
         "rows": rows,
         "results": {m: {k: v for k, v in asdict(r).items() if k != "samples"} for m, r in results.items()},
+        "runs": {
+            m: [{k: v for k, v in asdict(r).items() if k != "samples"} for r in rs]
+            for m, rs in runs.items()
+        },
     }
     with open(prefix + ".json", "w") as f:
         json.dump(report, f, indent=1)
@@ -96,6 +114,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(setup)
     print("\n".join(table))
     return report
+
+
+def median_result(results: list[demo.Result]) -> demo.Result:
+    """The run with the median peak managed memory, with the median run time of
+    all runs: peak and time are reported separately, each the middle value
+    """
+    ranked = sorted(results, key=lambda r: r.peak_managed)
+    middle = ranked[(len(ranked) - 1) // 2]
+    return replace(
+        middle,
+        peak_process=int(statistics.median_low(r.peak_process for r in results)),
+        seconds=statistics.median(r.seconds for r in results),
+    )
 
 
 def plot(results: dict[str, demo.Result], path: str, title: str) -> str:

@@ -59,7 +59,7 @@ def test_scale_quick(tmp_path):
 def test_memory_quick(tmp_path):
     out = run(
         "memory.py", "--quick", "--workers", "2", "--size", "800", "--chunk", "200",
-        "--out", str(tmp_path),
+        "--repeat", "2", "--out", str(tmp_path),
     )
     report = json.loads((tmp_path / "memory_quick.json").read_text())
     assert [row["mode"] for row in report["rows"]] == [
@@ -70,6 +70,11 @@ def test_memory_quick(tmp_path):
         assert row["peak_process_mib"] >= row["peak_managed_mib"] * 0.5
         assert row["seconds"] > 0
     assert report["rows"][0]["peak_managed_vs_off"] == 1.0
+    # two interleaved rounds; the row of a mode is one of its runs' peaks
+    for mode, row in zip(["off", "distributed", "on"], report["rows"]):
+        runs = report["runs"][mode]
+        assert len(runs) == 2
+        assert row["peak_managed_mib"] * 2**20 in [r["peak_managed"] for r in runs]
     assert report["rows"][2]["replicas_dropped"] >= 0
     assert (tmp_path / "memory_quick.png").stat().st_size > 0
     assert "| amm |" in out
