@@ -46,7 +46,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--memory-limit", default="2.5GiB")
     parser.add_argument("--out", default=RESULTS)
     parser.add_argument(
-        "--repeat", type=int, help="rounds of all modes; medians are reported (default 3, 1 with --quick)"
+        "--repeat",
+        type=int,
+        help="rounds of all modes, medians reported (default 3; 1 with --quick)",
     )
     args = parser.parse_args(argv)
     args.repeat = args.repeat or (1 if args.quick else 3)
@@ -117,8 +119,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 def median_result(results: list[demo.Result]) -> demo.Result:
-    """The run with the median peak managed memory, with the median run time of
-    all runs: peak and time are reported separately, each the middle value
+    """The run whose peak managed memory is the median (its samples make the
+    plot), with the median peak process memory and run time of all the runs:
+    each column of the table is the middle value of its own measure
     """
     ranked = sorted(results, key=lambda r: r.peak_managed)
     middle = ranked[(len(ranked) - 1) // 2]

@@ -567,6 +567,23 @@ def test_a_change_in_the_running_workers_makes_every_key_due():
     assert all(addr != paused.address for _, addr, _ in sent)
 
 
+def test_keys_whose_transfer_timed_out_are_due_again():
+    s, recorder, m, policy, wss = synthetic(
+        3, MANY, 100, max_per_worker={"keys": None, "bytes": None}, retry_after=1
+    )
+    policy.set([f"k{i}" for i in range(MANY)], 2)
+    m.run_once()
+    assert sum(per_recipient(recorder.pop()).values()) == MANY  # never arrive
+    m.run_once()
+    assert recorder.pop() == []  # in flight: nothing is due
+    import time
+
+    time.sleep(1.05)
+    m.run_once()
+    # all asked again at once, not a stretch of the audit per cycle
+    assert sum(per_recipient(recorder.pop()).values()) == MANY
+
+
 # -- the benchmark -----------------------------------------------------------------
 
 
