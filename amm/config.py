@@ -166,6 +166,18 @@ def build_policies(key: str, specs: Any) -> list[Any]:
     return policies
 
 
+#: Values of ``amm.reduce-replicas.unassigned-waiters``
+UNASSIGNED_WAITERS = ("each", "shared")
+
+
+def parse_unassigned_waiters(key: str, value: Any) -> str:
+    if value not in UNASSIGNED_WAITERS:
+        raise AMMConfigError(
+            f"{key}={value!r}: must be one of " + ", ".join(map(repr, UNASSIGNED_WAITERS))
+        )
+    return value  # type: ignore[no-any-return]
+
+
 def eager_reduction() -> tuple[bool, float]:
     """``amm.reduce-replicas.eager`` and ``.eager-delay``, validated"""
     return (

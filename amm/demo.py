@@ -53,6 +53,11 @@ MODES: dict[str, dict[str, Any]] = {
     "off": {"distributed.scheduler.active-memory-manager.start": False},
     "distributed": {},
     "on": {"distributed.scheduler.preload": ["amm"]},
+    # this project's, with the looser rule for unassigned dependents
+    "shared": {
+        "distributed.scheduler.preload": ["amm"],
+        "amm.reduce-replicas.unassigned-waiters": "shared",
+    },
 }
 
 
@@ -79,7 +84,11 @@ def run(mode: str, args: argparse.Namespace) -> Result:
         ):
             value = float(product.compute())
         seconds = time.perf_counter() - start
-        dropped = AMMClient(client).statistics()["drops_requested"] if mode == "on" else None
+        dropped = (
+            AMMClient(client).statistics()["drops_requested"]
+            if mode in ("on", "shared")
+            else None
+        )
         samples = {"process": process.samples[mode], "managed": managed.samples[mode]}
         return Result(
             mode=mode,

@@ -70,17 +70,26 @@ class EagerReduction:
 
         self._timer = None
         manager = self.manager
-        if not manager.running or not any(
-            isinstance(p, (ReduceReplicas, _DistReduceReplicas))
-            for p in manager.policies
-        ):
+        periodic = next(
+            (
+                p
+                for p in manager.policies
+                if isinstance(p, (ReduceReplicas, _DistReduceReplicas))
+            ),
+            None,
+        )
+        if not manager.running or periodic is None:
             self.keys.clear()
             return
         if manager.cycle_in_progress:
             self._schedule()  # try again once the regular cycle is through
             return
         keys, self.keys = self.keys, set()
+        # the same rule as the periodic policy: distributed's is "each"
+        unassigned_waiters = getattr(periodic, "unassigned_waiters", "each")
         try:
-            manager.run_policies_once([ReduceReplicas(keys=keys)])
+            manager.run_policies_once(
+                [ReduceReplicas(keys=keys, unassigned_waiters=unassigned_waiters)]
+            )
         except Exception:
             logger.exception("Eager replica reduction failed")

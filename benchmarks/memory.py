@@ -1,5 +1,6 @@
 """End-to-end peak memory: the same computation with the AMM off, with
-distributed's built-in AMM and with this project's, one after another in one run.
+distributed's built-in AMM and with this project's (at its defaults, and with
+``amm.reduce-replicas.unassigned-waiters: shared``), one after another in one run.
 
 The workload is amm.demo's: ``(x @ x.T).sum()`` on a LocalCluster of worker
 processes with one thread each; memory is sampled by distributed's MemorySampler
@@ -32,8 +33,13 @@ from typing import Any
 from amm import demo
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
-ORDER = ("off", "distributed", "on")
-LABELS = {"off": "AMM off", "distributed": "distributed's AMM", "on": "amm"}
+ORDER = ("off", "distributed", "on", "shared")
+LABELS = {
+    "off": "AMM off",
+    "distributed": "distributed's AMM",
+    "on": "amm",
+    "shared": "amm, unassigned-waiters: shared",
+}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -119,6 +119,11 @@ def test_distributed_default_policies_map_to_ours(scheduler):
             "notexist",
             "distributed.scheduler.active-memory-manager.measure='notexist'",
         ),
+        (
+            "amm.reduce-replicas.unassigned-waiters",
+            "some",
+            "amm.reduce-replicas.unassigned-waiters='some': must be one of 'each', 'shared'",
+        ),
     ],
 )
 def test_invalid_values_name_key_and_value(scheduler, key, value, match):
@@ -133,6 +138,11 @@ def test_invalid_constructor_arguments(scheduler):
         manager(scheduler, measure="bad")
     with pytest.raises(AMMConfigError, match="interval=-2"):
         manager(scheduler, interval=-2)
+    with pytest.raises(AMMConfigError, match="unassigned_waiters='all'"):
+        ReduceReplicas(unassigned_waiters="all")
+    assert repr(ReduceReplicas(unassigned_waiters="shared")) == (
+        "ReduceReplicas(unassigned_waiters='shared')"
+    )
 
 
 @gen_test()

@@ -27,27 +27,25 @@ async def test_drops_superfluous_replicas(c, s, *workers):
     assert stats["by_policy"] == {"ReduceReplicas()": 3}
 
 
-@pytest.mark.parametrize(
-    "nwaiters_w1,nwaiters_w2,nwaiters_nonproc,nreplicas",
-    [
-        (0, 0, 0, 1),
-        (1, 0, 0, 1),
-        (0, 0, 1, 1),
-        (2, 0, 0, 1),
-        (1, 1, 0, 2),
-        (1, 1, 1, 3),
-        (1, 1, 2, 4),
-        (17, 1, 1, 3),
-        # 20+ waiters: not inspected, each may need its own replica
-        (18, 1, 1, 4),
-    ],
-)
-@gen_cluster(client=True, nthreads=[("", 1)] * 4, config=amm_config())
-async def test_keeps_replicas_for_waiters(
-    c, s, w1, w2, w3, w4, nwaiters_w1, nwaiters_w2, nwaiters_nonproc, nreplicas
-):
-    """A key keeps one replica per distinct place its waiting dependents will run;
-    dependents not yet assigned each count as a place.
+#: (waiters processing on w1, on w2, not assigned yet; replicas kept under the
+#: "each" rule (distributed's), under the "shared" rule)
+WAITERS = [
+    (0, 0, 0, 1, 1),
+    (1, 0, 0, 1, 1),
+    (0, 0, 1, 1, 1),
+    (2, 0, 0, 1, 1),
+    (1, 1, 0, 2, 2),
+    (1, 1, 1, 3, 3),
+    (1, 1, 2, 4, 3),
+    (17, 1, 1, 3, 3),
+    # 20+ waiters: not inspected, each may need its own replica
+    (18, 1, 1, 4, 4),
+]
+
+
+async def kept_for_waiters(c, s, w1, w2, w4, nwaiters_w1, nwaiters_w2, nwaiters_nonproc):
+    """Replicas of a key on all 4 workers, dependents waiting on it, one cycle:
+    the number of replicas left
     """
     ev = Event()
     x = (await c.scatter({"x": 123}, broadcast=True))["x"]
@@ -63,9 +61,31 @@ async def test_keeps_replicas_for_waiters(
     ]
     await async_poll_for(lambda: len(s.tasks) == len(waiters) + 2, timeout=5)
     await c.amm.run_once()
-    await asyncio.sleep(0.2)  # no excess drops
-    await async_poll_for(lambda: len(s.tasks["x"].who_has) == nreplicas, timeout=5)
+    await asyncio.sleep(0.2)  # let every drop land
     await ev.set()
+    return len(s.tasks["x"].who_has)
+
+
+@pytest.mark.parametrize("nw1,nw2,nnonproc,each,shared", WAITERS)
+@gen_cluster(client=True, nthreads=[("", 1)] * 4, config=amm_config())
+async def test_keeps_replicas_for_waiters(c, s, w1, w2, w3, w4, nw1, nw2, nnonproc, each, shared):
+    """A key keeps one replica per distinct place its waiting dependents will run;
+    by default (distributed's rule) dependents not yet assigned each count as a place.
+    """
+    assert await kept_for_waiters(c, s, w1, w2, w4, nw1, nw2, nnonproc) == each
+
+
+@pytest.mark.parametrize("nw1,nw2,nnonproc,each,shared", WAITERS)
+@gen_cluster(
+    client=True,
+    nthreads=[("", 1)] * 4,
+    config=amm_config(**{"reduce-replicas.unassigned-waiters": "shared"}),
+)
+async def test_unassigned_waiters_shared(c, s, w1, w2, w3, w4, nw1, nw2, nnonproc, each, shared):
+    """With ``unassigned-waiters: shared``, the dependents not yet assigned count
+    as one place between them
+    """
+    assert await kept_for_waiters(c, s, w1, w2, w4, nw1, nw2, nnonproc) == shared
 
 
 class KeepTwo(ActiveMemoryManagerPolicy):
