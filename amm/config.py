@@ -172,9 +172,8 @@ UNASSIGNED_WAITERS = ("each", "shared")
 
 def parse_unassigned_waiters(key: str, value: Any) -> str:
     if value not in UNASSIGNED_WAITERS:
-        raise AMMConfigError(
-            f"{key}={value!r}: must be one of " + ", ".join(map(repr, UNASSIGNED_WAITERS))
-        )
+        choices = ", ".join(map(repr, UNASSIGNED_WAITERS))
+        raise AMMConfigError(f"{key}={value!r}: must be one of {choices}")
     return value  # type: ignore[no-any-return]
 
 

@@ -96,10 +96,12 @@ class ReduceReplicas(ActiveMemoryManagerPolicy):
             waiters = ts.waiters
             nwaiters = len(waiters) if waiters else 0
             if 1 < nwaiters < MAX_WAITERS_INSPECTED:
-                if shared:
-                    nwaiters = len({w.processing_on for w in waiters})  # type: ignore[union-attr]
-                else:
-                    nwaiters = len({w.processing_on or w for w in waiters})  # type: ignore[union-attr]
+                places = (
+                    {w.processing_on for w in waiters}  # type: ignore[union-attr]
+                    if shared
+                    else {w.processing_on or w for w in waiters}  # type: ignore[union-attr]
+                )
+                nwaiters = len(places)
 
             keep = max(desired_replicas(ts), nwaiters)
             ndrop_key = len(ts.who_has) - keep  # type: ignore[arg-type]

@@ -122,7 +122,8 @@ def test_distributed_default_policies_map_to_ours(scheduler):
         (
             "amm.reduce-replicas.unassigned-waiters",
             "some",
-            "amm.reduce-replicas.unassigned-waiters='some': must be one of 'each', 'shared'",
+            "amm.reduce-replicas.unassigned-waiters='some': "
+            "must be one of 'each', 'shared'",
         ),
     ],
 )

@@ -68,7 +68,9 @@ async def kept_for_waiters(c, s, w1, w2, w4, nwaiters_w1, nwaiters_w2, nwaiters_
 
 @pytest.mark.parametrize("nw1,nw2,nnonproc,each,shared", WAITERS)
 @gen_cluster(client=True, nthreads=[("", 1)] * 4, config=amm_config())
-async def test_keeps_replicas_for_waiters(c, s, w1, w2, w3, w4, nw1, nw2, nnonproc, each, shared):
+async def test_keeps_replicas_for_waiters(
+    c, s, w1, w2, w3, w4, nw1, nw2, nnonproc, each, shared
+):
     """A key keeps one replica per distinct place its waiting dependents will run;
     by default (distributed's rule) dependents not yet assigned each count as a place.
     """
@@ -81,7 +83,9 @@ async def test_keeps_replicas_for_waiters(c, s, w1, w2, w3, w4, nw1, nw2, nnonpr
     nthreads=[("", 1)] * 4,
     config=amm_config(**{"reduce-replicas.unassigned-waiters": "shared"}),
 )
-async def test_unassigned_waiters_shared(c, s, w1, w2, w3, w4, nw1, nw2, nnonproc, each, shared):
+async def test_unassigned_waiters_shared(
+    c, s, w1, w2, w3, w4, nw1, nw2, nnonproc, each, shared
+):
     """With ``unassigned-waiters: shared``, the dependents not yet assigned count
     as one place between them
     """
