@@ -9,8 +9,8 @@ what ReduceReplicas spends per suggestion.
 
 from __future__ import annotations
 
-from collections.abc import Generator, Iterable, Iterator, MutableSet
-from typing import TYPE_CHECKING, Any, TypeVar
+from collections.abc import Iterable, Iterator, MutableSet
+from typing import TYPE_CHECKING, Any
 
 from distributed.active_memory_manager import (
     ActiveMemoryManagerPolicy as _DistributedPolicy,
@@ -21,15 +21,12 @@ from distributed.scheduler import TaskState
 if TYPE_CHECKING:
     from amm.manager import ActiveMemoryManager
 
-T = TypeVar("T")
-
 __all__ = [
     "CHECKPOINT",
     "ActiveMemoryManagerPolicy",
     "PolicySet",
     "Suggestion",
     "SuggestionGenerator",
-    "run_to_end",
 ]
 
 
@@ -47,17 +44,6 @@ class _Checkpoint:
 #: planning): the manager may suspend the cycle there if its time slice is up, and
 #: sends None back. Yielded by a policy that is not resumable, it is ignored.
 CHECKPOINT: Any = _Checkpoint()
-
-
-def run_to_end(steps: Generator[Any, Any, T]) -> T:
-    """Run a generator that only yields :data:`CHECKPOINT` to the end, and return
-    its return value: a policy's bookkeeping step, called outside a cycle.
-    """
-    while True:
-        try:
-            next(steps)
-        except StopIteration as stop:
-            return stop.value  # type: ignore[no-any-return]
 
 
 class ActiveMemoryManagerPolicy(_DistributedPolicy):
