@@ -364,9 +364,9 @@ class ReplicateN(ActiveMemoryManagerPolicy):
         target = self._tracked.get(key)
         if target is None:
             return True
-        ts = target.ts
-        if ts.state in GONE or self.manager.scheduler.tasks.get(key) is not ts:
+        if self._gone(key, target):
             return True
+        ts = target.ts
         if ts.state != "memory":
             return False  # not computed yet, or being recomputed after a loss
         pool, have, goal = self._count(target)
@@ -431,7 +431,6 @@ class ReplicateN(ActiveMemoryManagerPolicy):
         open_: set[WorkerState] | None = set(scheduler.running) - full if full else None
         pools: dict[frozenset[str], set[WorkerState]] = {}
         pending = manager.pending  # the same dict for the whole cycle
-        tasks = scheduler.tasks
         due = self._due
         nrepl = 0
         nkeys = 0
@@ -448,11 +447,9 @@ class ReplicateN(ActiveMemoryManagerPolicy):
             if target is None:
                 due.pop(key, None)
                 continue
-            ts = target.ts
-            if ts.state in GONE or tasks.get(key) is not ts:
-                self._untrack(key)
-                task_logger.debug("ReplicateN: %r is %s; no longer tracked", key, ts.state)
+            if self._forget_if_gone(key, target):
                 continue
+            ts = target.ts
             if ts.state != "memory" or ts.actor:
                 continue  # due until it lands
             pool, have, goal = self._count(target, pools)
@@ -529,16 +526,28 @@ class ReplicateN(ActiveMemoryManagerPolicy):
         self._with_inflight.discard(key)
         self._due.pop(key, None)
 
+    def _gone(self, key: Key, target: Target) -> bool:
+        """The tracked task was released, failed, or forgotten (a new task under
+        the same key is another task)
+        """
+        ts = target.ts
+        return ts.state in GONE or self.manager.scheduler.tasks.get(key) is not ts
+
+    def _forget_if_gone(self, key: Key, target: Target) -> bool:
+        if not self._gone(key, target):
+            return False
+        self._untrack(key)
+        task_logger.debug(
+            "ReplicateN: %r is %s; no longer tracked", key, target.ts.state
+        )
+        return True
+
     def _forget_gone(self) -> None:
         """Stop tracking the keys that are gone, all at once (a cycle finds them
         as it visits them)
         """
-        tasks = self.manager.scheduler.tasks
         for key, target in list(self._tracked.items()):
-            ts = target.ts
-            if ts.state in GONE or tasks.get(key) is not ts:
-                self._untrack(key)
-                task_logger.debug("ReplicateN: %r is %s; no longer tracked", key, ts.state)
+            self._forget_if_gone(key, target)
 
     def _settle_inflight(self) -> Generator[Any, None, dict[WorkerState, list[int]]]:
         """Forget the transfers that arrived, failed or timed out; a key whose
