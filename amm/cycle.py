@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import reprlib
 from collections import defaultdict
+from operator import attrgetter
 from collections.abc import Callable, Iterable, Iterator, Set
 from time import perf_counter
 from typing import Any
@@ -62,11 +63,13 @@ class InvalidSuggestion(ValueError):
 
 
 class Cycle:
-    """The state of one cycle: a memory snapshot, the workers ordered by it, and
-    the suggestions accepted so far.
+    """The state of one cycle: the workers ordered by memory (read from the
+    scheduler as the cycle first needs each one), and the suggestions accepted so
+    far.
 
     ``pending`` and ``memory`` are exposed to policies as ``manager.pending`` and
-    ``manager.workers_memory``, with the same meaning as in distributed.
+    ``manager.workers_memory``, with the same meaning as in distributed; the
+    manager completes ``memory`` with every worker before handing it out.
     """
 
     scheduler: Scheduler
@@ -93,14 +96,18 @@ class Cycle:
         self.suspended = False
         self.desired_replicas = desired_replicas
         self.pending = {}
-        self.memory = {
-            ws: getattr(ws.memory, measure) for ws in scheduler.workers.values()
-        }
         # searches walk running workers only: the others never receive, and drop
         # first through a scan of the few of them (find_dropper)
-        self.order = WorkerMemoryOrder(self.memory, scheduler.running)
+        self.order = WorkerMemoryOrder(
+            scheduler.workers, attrgetter(f"memory.{measure}"), scheduler.running
+        )
+        self.memory = self.order.memory
         self.running = scheduler.running
-        self.not_running = {ws for ws in self.memory if ws not in self.running}
+        # The workers of the cycle are those of the scheduler at its start, and
+        # scheduler.running is a subset of them: same size, same set
+        self.not_running: set[WorkerState] = (
+            set() if len(self.running) == len(scheduler.workers) else self._not_running()
+        )
         #: per-suggestion logging is on; checked once, not per suggestion
         self.log_tasks = task_logger.isEnabledFor(logging.DEBUG)
         self.stats = CycleStats()
@@ -118,8 +125,12 @@ class Cycle:
 
     def refresh(self) -> None:
         """Called when a suspended cycle resumes: workers may have paused or left"""
-        self.not_running = {ws for ws in self.memory if ws not in self.running}
+        self.not_running = self._not_running()
         self.log_tasks = task_logger.isEnabledFor(logging.DEBUG)
+
+    def _not_running(self) -> set[WorkerState]:
+        running = self.running
+        return {ws for ws in self.order.workers.values() if ws not in running}
 
     # -- running policies --------------------------------------------------------
 

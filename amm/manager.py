@@ -185,7 +185,7 @@ class ActiveMemoryManager:
         """
         if self._cycle is None:
             raise AttributeError("workers_memory only exists while a cycle runs")
-        return self._cycle.memory
+        return self._cycle.order.complete()
 
     def run_once(self) -> None:
         """Run every policy once and send what was accepted to the workers. Returns

@@ -1,11 +1,16 @@
 """Workers ordered by expected memory, so that choosing where a replica goes (or
 which one goes away) costs far less than a scan of the whole cluster.
 
-The order is built from a fresh memory snapshot at the start of every cycle and
-follows the cycle's accepted suggestions: :meth:`WorkerMemoryOrder.update` records
-a worker's new expected memory at once, and the sorted structure catches up the
+One order serves one cycle. It reads a worker's memory from the scheduler the
+first time the cycle needs it, not every worker's up front: reading one builds a
+``MemoryState`` (about 2.5 us), so a snapshot of every worker would cost a cycle
+that only drops a few replicas (the eager pass) milliseconds at W=1000, for
+workers it never looks at. The sorted structure is only built, from every
+worker's memory, when a search first walks it. From then on the order follows
+the cycle's accepted suggestions: :meth:`WorkerMemoryOrder.update` records a
+worker's new expected memory at once, and the sorted structure catches up the
 next time a search walks it. Suggestions that only ever scan a few candidates (the
-drops of ReduceReplicas, for instance) therefore never pay for re-sorting.
+drops of ReduceReplicas, for instance) therefore never pay for sorting.
 
 The sorted structure is a plain list kept sorted with :mod:`bisect`: moving a worker
 costs two binary searches and a ``memmove`` of the list, which up to a few thousand
@@ -13,9 +18,8 @@ workers is several times cheaper than a balanced structure (``SortedList``: 3.4 
 per move at W=1000 against 1.4 us here; they cross near W=5000), and iterating it
 runs at C speed.
 
-Ties are broken by the worker's position in ``Scheduler.workers`` (sorted by
-address): among equally loaded workers the first one receives and the last one
-drops. The three search strategies below implement exactly this order, so which
+Ties are broken by address, which is the order of ``Scheduler.workers``: among
+equally loaded workers the first one receives and the last one drops. The three search strategies below implement exactly this order, so which
 one runs never changes the result, only its cost:
 
 - a *scan* of the candidates, when there are few of them (at most sqrt(W));
@@ -33,14 +37,14 @@ one runs never changes the result, only its cost:
 from __future__ import annotations
 
 from bisect import bisect_left, insort
-from collections.abc import Iterator, Set
+from collections.abc import Callable, Iterator, Mapping, Set
 from math import isqrt
 
 from distributed.scheduler import WorkerState
 
-#: (expected memory, rank, worker); rank is unique, so comparisons of entries never
-#: fall through to comparing WorkerStates
-Entry = tuple[int, int, WorkerState]
+#: (expected memory, address, worker); addresses are unique, so comparisons of
+#: entries never fall through to comparing WorkerStates
+Entry = tuple[int, str, WorkerState]
 
 #: Sub-orders kept at once: few candidate sets need one at a time (the set a policy
 #: is working through now), so only the newest are kept
@@ -48,7 +52,7 @@ MAX_VIEWS = 4
 
 
 class _Sorted:
-    """Entries sorted by (memory, rank), for the whole order or for the members of
+    """Entries sorted by (memory, address), for the whole order or for the members of
     one candidate set (a sub-order)
     """
 
@@ -62,13 +66,14 @@ class _Sorted:
         #: members whose entry still carries this old memory value
         self.stale: dict[WorkerState, int] = {}
 
-    def catch_up(self, memory: dict[WorkerState, int], rank: dict[WorkerState, int]) -> None:
+    def catch_up(self, memory: dict[WorkerState, int]) -> None:
         entries = self.entries
         for ws, old in self.stale.items():
-            r = rank[ws]
-            # (old, r) sorts right before (old, r, ws): no other entry has rank r
-            del entries[bisect_left(entries, (old, r))]
-            insort(entries, (memory[ws], r, ws))
+            address = ws.address
+            # (old, address) sorts right before (old, address, ws): no other entry
+            # has this address
+            del entries[bisect_left(entries, (old, address))]
+            insort(entries, (memory[ws], address, ws))
         self.stale.clear()
 
     def discard(self, entry: Entry) -> None:
@@ -79,9 +84,10 @@ class _Sorted:
 
 
 class WorkerMemoryOrder:
-    """Workers sorted by ``(expected memory, rank)``.
+    """Workers sorted by ``(expected memory, address)``.
 
-    ``memory`` is shared with the manager (it is the ``workers_memory`` that
+    ``memory`` holds the workers read so far; :meth:`complete` reads the others.
+    It is shared with the manager (completed, it is the ``workers_memory`` that
     policies read), so it must only be changed through :meth:`update`.
 
     Searches take the eligibility rule as sets rather than a callable, which keeps
@@ -90,60 +96,131 @@ class WorkerMemoryOrder:
     none of ``exclude``.
     """
 
-    __slots__ = ("memory", "_rank", "_all", "_scan_limit", "_views")
+    __slots__ = (
+        "memory",
+        "_workers",
+        "_read",
+        "_complete",
+        "_walkable",
+        "_sorted",
+        "_scan_limit",
+        "_views",
+    )
 
     memory: dict[WorkerState, int]
-    _rank: dict[WorkerState, int]
-    #: the walkable workers
-    _all: _Sorted
+    #: the workers of this order, by address, in address order
+    _workers: dict[str, WorkerState]
+    _read: Callable[[WorkerState], int]
+    _complete: bool
+    _walkable: Set[WorkerState] | None
+    #: the walkable workers, sorted; built by the first walk
+    _sorted: _Sorted | None
     _scan_limit: int
     #: sub-orders of the candidate sets that needed one, by id(candidates)
     _views: dict[int, _Sorted]
 
     def __init__(
         self,
-        memory: dict[WorkerState, int],
+        workers: Mapping[str, WorkerState],
+        read: Callable[[WorkerState], int],
         walkable: Set[WorkerState] | None = None,
     ):
-        """``walkable``: the workers searches may walk to (default: all). The
-        others are only ever found by scanning a candidate set. The manager walks
-        running workers only: paused and retiring ones never receive, so their
-        memory stays put while everyone else's grows, and a walk from the low end
-        would have to step over all of them on every search.
+        """``workers``: address -> worker, in address order (``Scheduler.workers``).
+        They are copied: a worker that joins later is not part of this order.
+
+        ``read``: the memory of a worker, called at most once per worker, the first
+        time the order needs it.
+
+        ``walkable``: the workers searches may walk to (default: all), as they are
+        when the first walk happens. The others are only ever found by scanning a
+        candidate set. The manager walks running workers only: paused and retiring
+        ones never receive, so their memory stays put while everyone else's grows,
+        and a walk from the low end would have to step over all of them on every
+        search.
         """
-        self.memory = memory
-        self._rank = rank = {ws: i for i, ws in enumerate(memory)}
-        self._all = _Sorted(
-            None,
-            sorted(
-                (nbytes, rank[ws], ws)
-                for ws, nbytes in memory.items()
-                if walkable is None or ws in walkable
-            ),
-        )
+        self.memory = {}
+        self._workers = dict(workers)
+        self._read = read
+        self._complete = False
+        self._walkable = walkable
+        self._sorted = None
         # Scanning C candidates costs C; walking the order from one end costs
         # about W / C steps before meeting one, when candidates are spread over
         # the order. The two meet at C = sqrt(W).
-        self._scan_limit = max(4, isqrt(len(memory)))
+        self._scan_limit = max(4, isqrt(len(self._workers)))
         self._views = {}
 
+    @property
+    def workers(self) -> Mapping[str, WorkerState]:
+        """The workers of this order, by address"""
+        return self._workers
+
+    def get(self, ws: WorkerState) -> int | None:
+        """The expected memory of ``ws``, or None if it is not one of the workers
+        of this order
+        """
+        nbytes = self.memory.get(ws)
+        if nbytes is None:
+            if self._workers.get(ws.address) is not ws:
+                return None
+            nbytes = self.memory[ws] = self._read(ws)
+        return nbytes
+
+    def complete(self) -> dict[WorkerState, int]:
+        """Read the memory of every worker not read yet, and return ``memory``,
+        now holding every worker in address order (the order of distributed's
+        ``workers_memory``). It stays the same dict object.
+        """
+        if not self._complete:
+            memory, read = self.memory, self._read
+            filled = {
+                ws: nbytes if (nbytes := memory.get(ws)) is not None else read(ws)
+                for ws in self._workers.values()
+            }
+            memory.clear()
+            memory.update(filled)
+            self._complete = True
+        return self.memory
+
     def update(self, ws: WorkerState, delta: int) -> None:
-        """Add ``delta`` bytes to the expected memory of ``ws``"""
+        """Add ``delta`` bytes to the expected memory of ``ws``, one of the workers
+        of this order
+        """
         memory = self.memory
-        old = memory[ws]
+        old = memory.get(ws)
+        if old is None:
+            old = self.get(ws)
+            if old is None:
+                raise KeyError(ws)
         memory[ws] = old + delta
-        if ws in self._all.members:
-            stale = self._all.stale
-            if ws not in stale:
-                stale[ws] = old
+        sorted_ = self._sorted
+        if sorted_ is not None and ws in sorted_.members:
+            # the first update since the last catch-up records where the entry is
+            sorted_.stale.setdefault(ws, old)
             for view in self._views.values():
-                if ws not in view.stale and ws in view.members:
-                    view.stale[ws] = old
+                if ws in view.members:
+                    view.stale.setdefault(ws, old)
+
+    def _whole(self) -> _Sorted:
+        """The walkable workers, sorted and caught up"""
+        sorted_ = self._sorted
+        if sorted_ is None:
+            walkable = self._walkable
+            sorted_ = self._sorted = _Sorted(
+                None,
+                sorted(
+                    (nbytes, ws.address, ws)
+                    for ws, nbytes in self.complete().items()
+                    if walkable is None or ws in walkable
+                ),
+            )
+        elif sorted_.stale:
+            sorted_.catch_up(self.memory)
+        return sorted_
 
     def ascending(self) -> Iterator[WorkerState]:
         """The walkable workers, least loaded first"""
-        self._all.catch_up(self.memory, self._rank)
-        for _, _, ws in self._all.entries:
+        for _, _, ws in self._whole().entries:
             yield ws
 
     def lowest(
@@ -183,13 +260,15 @@ class WorkerMemoryOrder:
         highest: bool,
     ) -> WorkerState | None:
         if candidates is None:
-            return self._walk(self._all, None, require, exclude, highest)
+            return self._walk(self._whole(), None, require, exclude, highest)
         if len(candidates) <= self._scan_limit:
             return self._scan(candidates, require, exclude, highest)
         view = self._views.get(id(candidates))
         if view is not None and view.candidates is candidates:
+            if view.stale:
+                view.catch_up(self.memory)
             return self._walk(view, candidates, require, exclude, highest)
-        return self._walk(self._all, candidates, require, exclude, highest)
+        return self._walk(self._whole(), candidates, require, exclude, highest)
 
     def _walk(
         self,
@@ -207,8 +286,6 @@ class WorkerMemoryOrder:
         set may only shrink during a cycle: the manager validates it once), so it
         is deleted and never stepped over again.
         """
-        if sorted_.stale:
-            sorted_.catch_up(self.memory, self._rank)
         skipped: list[Entry] = []
         choice = None
         for entry in reversed(sorted_.entries) if highest else sorted_.entries:
@@ -235,8 +312,8 @@ class WorkerMemoryOrder:
     def _add_view(self, candidates: Set[WorkerState]) -> None:
         if len(self._views) >= MAX_VIEWS:
             del self._views[next(iter(self._views))]
-        # the whole order is caught up: its entries are in order
-        entries = [e for e in self._all.entries if e[2] in candidates]
+        # the whole order was just walked: it is caught up, its entries in order
+        entries = [e for e in self._whole().entries if e[2] in candidates]
         self._views[id(candidates)] = _Sorted(candidates, entries)
 
     def _scan(
@@ -246,20 +323,22 @@ class WorkerMemoryOrder:
         exclude: tuple[Set[WorkerState], ...],
         highest: bool,
     ) -> WorkerState | None:
-        memory, rank = self.memory, self._rank
+        memory = self.memory
         best = None
-        best_key = (0, 0)
+        best_key = (0, "")
         for ws in candidates:
-            nbytes = memory.get(ws)
-            if nbytes is None:
-                continue  # joined after this cycle's snapshot
             if require is not None and ws not in require:
                 continue
             for e in exclude:
                 if ws in e:
                     break
             else:
-                key = (nbytes, rank[ws])
+                nbytes = memory.get(ws)
+                if nbytes is None:
+                    nbytes = self.get(ws)  # read it now
+                    if nbytes is None:
+                        continue  # joined after this cycle began
+                key = (nbytes, ws.address)
                 if best is None or (key > best_key if highest else key < best_key):
                     best, best_key = ws, key
         return best

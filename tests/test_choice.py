@@ -104,6 +104,32 @@ def test_ties_follow_worker_order(synthetic):
     assert chosen == [wss[0], wss[4]]
 
 
+def test_cycle_reads_the_memory_of_the_workers_it_considers_only(synthetic):
+    """Reading a worker's memory builds a MemoryState: a cycle that drops a few
+    replicas (an eager pass, say) reads their holders', not the whole cluster's.
+    A policy that asks for workers_memory gets every worker, in scheduler order.
+    """
+    s, recorder = synthetic
+    wss = [add_worker(s, f"tcp://w{i:03d}:1") for i in range(100)]
+    for i, ws in enumerate(wss):
+        add_task(s, f"pad{i}", 1000 + i, [ws])
+    holders = [wss[3], wss[50], wss[97]]
+    x = add_task(s, "x", 10, holders)
+    expected = [(ws, ws.nbytes - (10 if ws is wss[97] else 0)) for ws in wss]
+    seen = {}
+
+    class Drop(ActiveMemoryManagerPolicy):
+        def run(self):
+            seen["dropped"] = yield Suggestion("drop", x)
+            seen["read"] = set(self.manager._cycle.order.memory)
+            seen["memory"] = list(self.manager.workers_memory.items())
+
+    ActiveMemoryManager(s, [Drop()], register=False, start=False, measure="managed").run_once()
+    assert seen["dropped"] is wss[97]
+    assert seen["read"] == set(holders)
+    assert seen["memory"] == expected
+
+
 @pytest.mark.parametrize("ncandidates", [1, 3, 40])
 def test_candidates_restrict_choice_both_strategies(synthetic, ncandidates):
     """Small candidate sets are scanned, large ones walked in memory order: both

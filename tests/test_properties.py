@@ -17,6 +17,25 @@ from amm.testing import Recorder, add_task, add_worker, new_scheduler, set_statu
 STATUSES = [Status.running, Status.running, Status.paused, Status.closing_gracefully]
 
 
+class FakeWorker:
+    """What WorkerMemoryOrder needs of a worker: an address (the tie-break)"""
+
+    __slots__ = ("address",)
+
+    def __init__(self, i: int):
+        self.address = f"tcp://w{i:03d}"  # address order = position
+
+
+def memory_order(mem: dict, walkable=None) -> WorkerMemoryOrder:
+    """An order over the workers of ``mem``, reading their memory from a copy of
+    it as it is now (``mem`` itself then tracks the expected values)
+    """
+    initial = dict(mem)
+    return WorkerMemoryOrder(
+        {ws.address: ws for ws in mem}, initial.__getitem__, walkable  # type: ignore[arg-type]
+    )
+
+
 @st.composite
 def cluster_states(draw):
     nworkers = draw(st.integers(1, 7))
@@ -136,14 +155,15 @@ def test_order_matches_brute_force(memory, candidates, rejected, required, updat
     """Both search strategies (scan, walk) agree with a brute-force min/max over
     (memory, position), also after in-place updates.
     """
-    workers = [object() for _ in memory]
+    workers = [FakeWorker(i) for i in range(len(memory))]
     mem = dict(zip(workers, memory))
     # as in the manager: only the required workers (running ones) are walkable
     walkable = None if required is None else {workers[i] for i in required if i < len(workers)}
-    order = WorkerMemoryOrder(mem, walkable)  # type: ignore[arg-type]
+    order = memory_order(mem, walkable)
     for i, nbytes in updates:
         if i < len(workers):
             order.update(workers[i], nbytes - mem[workers[i]])  # type: ignore[arg-type]
+            mem[workers[i]] = nbytes
     cands = None if candidates is None else {workers[i] for i in candidates if i < len(workers)}
     rej = {workers[i] for i in rejected if i < len(workers)}
     req = None if required is None else {workers[i] for i in required if i < len(workers)}
@@ -162,6 +182,8 @@ def test_order_matches_brute_force(memory, candidates, rejected, required, updat
     assert list(order.ascending()) == sorted(walked, key=key)
     if cands is not None:
         assert order.scan_highest(cands, req, (rej,)) is max(pool, key=key, default=None)  # type: ignore[arg-type]
+    # every worker, read or not so far, in address order
+    assert list(order.complete().items()) == list(mem.items())
 
 
 @settings(max_examples=200, deadline=None)
@@ -191,9 +213,9 @@ def test_searches_over_a_shrinking_set_match_brute_force(
         # the candidates above every other worker: walks from the low end step over
         # all the others, and the set gets a sub-order
         memory = [m + (100 if i in members else 0) for i, m in enumerate(memory)]
-    workers = [object() for _ in memory]
+    workers = [FakeWorker(i) for i in range(len(memory))]
     mem = dict(zip(workers, memory))
-    order = WorkerMemoryOrder(mem)  # type: ignore[arg-type]
+    order = memory_order(mem)
     cands = {workers[i] for i in members if i < len(workers)}
     exc = {workers[i] for i in excluded if i < len(workers)}
 
@@ -206,6 +228,7 @@ def test_searches_over_a_shrinking_set_match_brute_force(
             cands.discard(ws)
         elif op == "update":
             order.update(ws, nbytes - mem[ws])  # type: ignore[arg-type]
+            mem[ws] = nbytes
         else:
             pool = [w for w in cands if w not in exc]
             expect = (min if op == "lowest" else max)(pool, key=key, default=None)
