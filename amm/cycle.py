@@ -96,15 +96,17 @@ class Cycle:
         self.suspended = False
         self.desired_replicas = desired_replicas
         self.pending = {}
-        # searches walk running workers only: the others never receive, and drop
-        # first through a scan of the few of them (find_dropper)
+        # The workers of the cycle are those of the scheduler when it starts. Until
+        # the cycle first lets the event loop run (suspend) none can join or
+        # leave, so the order uses the scheduler's own mapping until then.
+        # Searches walk running workers only: the others never receive, and drop
+        # first through a scan of the few of them (find_dropper).
         self.order = WorkerMemoryOrder(
             scheduler.workers, attrgetter(f"memory.{measure}"), scheduler.running
         )
         self.memory = self.order.memory
         self.running = scheduler.running
-        # The workers of the cycle are those of the scheduler at its start, and
-        # scheduler.running is a subset of them: same size, same set
+        # scheduler.running is a subset of the workers: same size, same set
         self.not_running: set[WorkerState] = (
             set() if len(self.running) == len(scheduler.workers) else self._not_running()
         )
@@ -122,6 +124,13 @@ class Cycle:
         self._unsent: list[JournalEntry] = []
         #: seconds to send one accepted suggestion, measured by enact()
         self.send_cost = 5e-6
+
+    def suspend(self) -> None:
+        """Called before the cycle lets the event loop run until its next slice:
+        workers may join or leave meanwhile, and are no longer the cycle's own
+        """
+        self.suspended = True
+        self.order.freeze()
 
     def refresh(self) -> None:
         """Called when a suspended cycle resumes: workers may have paused or left"""

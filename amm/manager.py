@@ -255,7 +255,7 @@ class ActiveMemoryManager:
                 self.stats.record(cycle.stats, cycle.seconds, cycle.slices)
                 logger.debug("Active Memory Manager run in %.0fms", cycle.seconds * 1000)
                 return
-            cycle.suspended = True
+            cycle.suspend()
             try:
                 loop = asyncio.get_running_loop()
             except RuntimeError:

@@ -223,6 +223,18 @@ def _our_rebalance() -> Callable[[State], list[Any]]:
 SCENARIOS: dict[str, Scenario] = {
     s.name: s
     for s in [
+        # A cycle with nothing to do (no key has a spare replica): what every
+        # cycle costs the scheduler, every interval, before any suggestion; for
+        # this project also the floor of each eager pass
+        Scenario(
+            "idle_cycle",
+            "one",
+            None,
+            lambda state: None,
+            lambda state: [amm.ReduceReplicas()],
+            lambda state: [DistReduceReplicas()],
+            lambda state, policies: not state.scheduler.replicated_tasks,
+        ),
         Scenario(
             "reduce_replicas",
             "two",

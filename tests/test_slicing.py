@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
+from distributed import Worker
 from distributed.utils_test import gen_cluster
 
 from amm import ActiveMemoryManager, ActiveMemoryManagerPolicy, ReduceReplicas, Suggestion
@@ -113,3 +114,50 @@ def test_checkpoint_is_ignored_in_a_policy_not_declaring_resumable():
     m.run_once()
     assert m.stats.last_cycle_slices == 1
     assert m.stats.total.drops_requested == 1
+
+
+class ReplicateAfterAJoin(ActiveMemoryManagerPolicy):
+    """Suspends the cycle until told a worker joined, then replicates a key"""
+
+    resumable = True
+
+    def __init__(self, key):
+        self.key = key
+        self.joined = False
+        self.done = asyncio.Event()
+
+    def run(self):
+        while not self.joined:
+            yield CHECKPOINT
+        self.choice = yield Suggestion("replicate", self.manager.scheduler.tasks[self.key])
+        self.memory = list(self.manager.workers_memory)
+        self.done.set()
+
+
+@gen_cluster(client=True, config=amm_config(policies=[], measure="managed"))
+async def test_a_worker_joining_a_suspended_cycle_waits_for_the_next(c, s, a, b):
+    """The workers of a cycle are those present when it began, as in distributed's
+    single-step cycle: one that joins while the cycle is suspended is neither
+    chosen nor in workers_memory until the next cycle, even if it is the least
+    loaded.
+    """
+    x = await c.scatter({"x": 1}, workers=[a.address])  # noqa: F841
+    pad = await c.scatter({"pad": b"0" * 2**20}, workers=[b.address])  # noqa: F841
+    m = s.extensions["amm"]
+    m.time_slice = 0
+    policy = ReplicateAfterAJoin("x")
+    m.run_policies_once([policy])
+    async with Worker(s.address) as w:
+        policy.joined = True
+        await policy.done.wait()
+        assert policy.choice is s.workers[b.address]
+        # in scheduler order, as in distributed
+        assert policy.memory == [ws for ws in s.workers.values() if ws.address != w.address]
+        while m.cycle_in_progress:
+            await asyncio.sleep(0.01)
+
+        again = ReplicateAfterAJoin("x")
+        again.joined = True
+        m.run_policies_once([again])
+        await again.done.wait()
+        assert again.choice is s.workers[w.address]
