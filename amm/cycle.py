@@ -21,8 +21,8 @@ from __future__ import annotations
 import logging
 import reprlib
 from collections import defaultdict
-from operator import attrgetter
 from collections.abc import Callable, Iterable, Iterator, Set
+from operator import attrgetter
 from time import perf_counter
 from typing import Any
 

@@ -19,8 +19,9 @@ per move at W=1000 against 1.4 us here; they cross near W=5000), and iterating i
 runs at C speed.
 
 Ties are broken by address, which is the order of ``Scheduler.workers``: among
-equally loaded workers the first one receives and the last one drops. The three search strategies below implement exactly this order, so which
-one runs never changes the result, only its cost:
+equally loaded workers the first one receives and the last one drops. The three
+search strategies below implement exactly this order, so which one runs never
+changes the result, only its cost:
 
 - a *scan* of the candidates, when there are few of them (at most sqrt(W));
 - a *walk* of the whole order from one end, skipping ineligible workers, when the
