@@ -64,7 +64,7 @@ CHECKPOINT_EVERY = 256
 MAX_WAITERS_INSPECTED = 20
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class _Move:
     """A key being moved: replicated to ``recipient`` in cycle ``started``; its copy
     on ``sender`` is dropped once the replica exists.
@@ -315,8 +315,15 @@ class Rebalance(ActiveMemoryManagerPolicy):
     def _finish_moves(self) -> SuggestionGenerator:
         """Drop the sender's copy of every key whose new copy exists"""
         pending = self.manager.pending
-        for move in list(self._moves.values()):
-            ts, sender, recipient = move.ts, move.sender, move.recipient
+        moves = self._moves
+        # A snapshot of the keys, not of the moves: a move is freed as it ends
+        # rather than all together with the snapshot, which at a few hundred
+        # thousand moves would hold the event loop for 100 ms in one go
+        for ts in list(moves):
+            move = moves.get(ts)
+            if move is None:
+                continue
+            sender, recipient = move.sender, move.recipient
             who_has = ts.who_has or ()
             if ts.state != "memory" or sender not in who_has:
                 # Released, lost, or the sender's copy is already gone (dropped by
@@ -501,8 +508,12 @@ class Rebalance(ActiveMemoryManagerPolicy):
                 heapq.heappop(snd_heap)  # left or started retiring while suspended
                 continue
             if snd.candidates is None:
+                # Listing them takes a while (up to tens of ms for a worker with
+                # thousands of keys): start it in a fresh slice if this one is
+                # nearly over, and let the slice end after it
+                yield CHECKPOINT
                 snd.candidates = iter(self._candidates(snd))
-                yield CHECKPOINT  # listing them may have taken a while
+                yield CHECKPOINT
             for ts in snd.candidates:
                 skipped += 1
                 if skipped % CHECKPOINT_EVERY == 0:
