@@ -504,14 +504,15 @@ class Rebalance(ActiveMemoryManagerPolicy):
 
         while snd_heap and rec_heap:
             snd = snd_heap[0][2]
+            if snd.candidates is None:
+                # Listing its keys takes a while (up to tens of ms for a worker
+                # with thousands of them): start it in a fresh slice if this one
+                # is nearly over, and let the slice end after it
+                yield CHECKPOINT
             if snd.ws.status not in (Status.running, Status.paused):
                 heapq.heappop(snd_heap)  # left or started retiring while suspended
                 continue
             if snd.candidates is None:
-                # Listing them takes a while (up to tens of ms for a worker with
-                # thousands of keys): start it in a fresh slice if this one is
-                # nearly over, and let the slice end after it
-                yield CHECKPOINT
                 snd.candidates = iter(self._candidates(snd))
                 yield CHECKPOINT
             for ts in snd.candidates:
