@@ -220,30 +220,27 @@ def _our_rebalance() -> Callable[[State], list[Any]]:
     ]
 
 
+def _reduce_replicas(name: str, layout: str) -> Scenario:
+    """ReduceReplicas on both sides, done once no key has a spare replica"""
+    return Scenario(
+        name,
+        layout,
+        None,
+        lambda state: None,
+        lambda state: [amm.ReduceReplicas()],
+        lambda state: [DistReduceReplicas()],
+        lambda state, policies: not state.scheduler.replicated_tasks,
+    )
+
+
 SCENARIOS: dict[str, Scenario] = {
     s.name: s
     for s in [
         # A cycle with nothing to do (no key has a spare replica): what every
         # cycle costs the scheduler, every interval, before any suggestion; for
         # this project also the floor of each eager pass
-        Scenario(
-            "idle_cycle",
-            "one",
-            None,
-            lambda state: None,
-            lambda state: [amm.ReduceReplicas()],
-            lambda state: [DistReduceReplicas()],
-            lambda state, policies: not state.scheduler.replicated_tasks,
-        ),
-        Scenario(
-            "reduce_replicas",
-            "two",
-            None,
-            lambda state: None,
-            lambda state: [amm.ReduceReplicas()],
-            lambda state: [DistReduceReplicas()],
-            lambda state, policies: not state.scheduler.replicated_tasks,
-        ),
+        _reduce_replicas("idle_cycle", "one"),
+        _reduce_replicas("reduce_replicas", "two"),
         Scenario(
             "retire_one",
             "one",
