@@ -29,6 +29,9 @@ class Result:
     replicas_dropped: int | None
     seconds: float
     value: float
+    #: bytes the workers sent each other (dependencies fetched, replicas made):
+    #: what keeping fewer replicas may cost in transfers
+    bytes_transferred: int = 0
     #: (time, bytes) samples per measure
     samples: dict[str, list[tuple[float, int]]] = field(default_factory=dict, repr=False)
 
@@ -90,6 +93,7 @@ def run(mode: str, args: argparse.Namespace) -> Result:
             else None
         )
         samples = {"process": process.samples[mode], "managed": managed.samples[mode]}
+        sent = client.run(lambda dask_worker: dask_worker.transfer_outgoing_bytes_total)
         return Result(
             mode=mode,
             peak_managed=max(nbytes for _, nbytes in managed.samples[mode]),
@@ -97,6 +101,7 @@ def run(mode: str, args: argparse.Namespace) -> Result:
             replicas_dropped=dropped,
             seconds=seconds,
             value=value,
+            bytes_transferred=sum(sent.values()),
             samples=samples,
         )
 
@@ -105,13 +110,13 @@ def report(results: list[Result]) -> str:
     off = results[0]
     lines = [
         f"{'AMM':<5}{'peak managed':>16}{'peak process':>16}{'replicas dropped':>18}"
-        f"{'run time':>11}",
+        f"{'run time':>11}{'transferred':>14}",
     ]
     for r in results:
         dropped = "-" if r.replicas_dropped is None else str(r.replicas_dropped)
         lines.append(
             f"{r.mode:<5}{_mib(r.peak_managed):>16}{_mib(r.peak_process):>16}"
-            f"{dropped:>18}{r.seconds:>10.1f}s"
+            f"{dropped:>18}{r.seconds:>10.1f}s{_mib(r.bytes_transferred):>14}"
         )
     for r in results[1:]:
         lines.append(

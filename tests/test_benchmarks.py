@@ -70,7 +70,10 @@ def test_memory_quick(tmp_path):
         assert row["peak_managed_mib"] > 0
         assert row["peak_process_mib"] >= row["peak_managed_mib"] * 0.5
         assert row["seconds"] > 0
+        # x is computed on several workers: its chunks travel to the products
+        assert row["transferred_mib"] > 0
     assert report["rows"][0]["peak_managed_vs_off"] == 1.0
+    assert report["rows"][0]["transferred_vs_off"] == 1.0
     # two interleaved rounds; the row of a mode is one of its runs' peaks
     for mode, row in zip(["off", "distributed", "on", "shared"], report["rows"]):
         runs = report["runs"][mode]
