@@ -10,7 +10,7 @@ import logging
 import pytest
 
 import dask.config
-from distributed import Client, LocalCluster, Nanny, wait
+from distributed import Client, Event, LocalCluster, Nanny, wait
 from distributed.core import Status
 from distributed.utils_test import (
     async_poll_for,
@@ -18,6 +18,7 @@ from distributed.utils_test import (
     captured_logger,
     gen_cluster,
     gen_test,
+    wait_for_state,
 )
 from distributed.worker_state_machine import AcquireReplicasEvent
 
@@ -206,6 +207,34 @@ async def test_retire_drops_replicated_keys(c, s, a, b):
     }
     assert acquired == {"y"}
     assert await c.gather([x["x"], y["y"]]) == [1, 2]
+
+
+@gen_cluster(client=True, config=RUNNING)
+async def test_retire_not_held_up_by_a_task_running_there(c, s, a, b):
+    """A task still running on the retiring worker does not hold up the
+    retirement: the worker closes once its data has moved, and the task runs again
+    elsewhere. (Had the retirement waited for it, its result would be a new unique
+    key to move, and so on for as long as tasks run there: dask/distributed#6223.)
+    """
+    wire(s)
+    ev = Event()
+    xs = await c.scatter(list(range(20)), workers=[a.address])
+    extra = c.submit(
+        lambda ev: ev.wait(30) and "done",
+        ev,
+        key="extra",
+        workers=[a.address],
+        allow_other_workers=True,
+    )
+    await wait_for_state("extra", "executing", a)
+    out = await asyncio.wait_for(c.retire_workers([a.address]), timeout=20)
+    assert list(out) == [a.address]
+    assert a.address not in s.workers
+    assert not retire_policies(s)
+    await ev.set()
+    assert await extra == "done"
+    assert "extra" in b.data
+    assert await c.gather(xs) == list(range(20))
 
 
 @gen_cluster(client=True, nthreads=[("", 1)] * 5, config=STOPPED)
