@@ -19,7 +19,7 @@ from distributed.scheduler import Scheduler
 
 from dask.typing import Key
 
-from amm import config, replication, retirement
+from amm import config, metrics, replication, retirement
 from amm.eager import EagerReduction
 from amm.logs import logger
 from amm.manager import ActiveMemoryManager
@@ -53,6 +53,7 @@ class ActiveMemoryManagerPlugin(SchedulerPlugin):
         self.manager = install(scheduler, **self.overrides)
         if eager:
             self.eager = EagerReduction(self.manager, delay)
+        metrics.register(scheduler)
 
     def transition(
         self, key: Key, start: str, finish: str, *args: Any, **kwargs: Any
@@ -68,6 +69,7 @@ class ActiveMemoryManagerPlugin(SchedulerPlugin):
             self.eager.cancel()
         if self.manager is not None:
             self.manager.stop()
+            metrics.unregister(self.scheduler)
 
 
 def install(scheduler: Scheduler, **overrides: Any) -> ActiveMemoryManager:
