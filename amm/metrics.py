@@ -22,6 +22,8 @@ from typing import Any
 from distributed.http.prometheus import PrometheusCollector
 from distributed.scheduler import Scheduler
 
+from amm.logs import logger
+
 #: (name, help, the key of ``ManagerStats.to_dict()`` it reports); counters are
 #: exposed with a ``_total`` suffix
 COUNTERS = (
@@ -87,8 +89,9 @@ class AMMMetricCollector(PrometheusCollector):
         values = stats.to_dict()
         for name, help_, key in COUNTERS:
             yield CounterMetricFamily(self.build_name(name), help_, value=values[key])
-        # By class: the repr of a policy may name a worker (RetireWorker), which
-        # would make a label value per retirement
+        # Labelled by what precedes "(" in the policy's repr, the class name for
+        # policies whose repr is Class(args): the whole repr may name a worker
+        # (RetireWorker), which would make a label value per retirement
         by_class: Counter[str] = Counter()
         for policy, accepted in values["by_policy"].items():
             by_class[policy.split("(", 1)[0]] += accepted
@@ -111,11 +114,18 @@ def register(scheduler: Scheduler) -> None:
         import prometheus_client
     except ImportError:
         return
-    if _collector is None:
-        _collector = AMMMetricCollector(scheduler)
-        prometheus_client.REGISTRY.register(_collector)
-    else:
+    if _collector is not None:
         _collector.server = scheduler
+        return
+    collector = AMMMetricCollector(scheduler)
+    try:
+        prometheus_client.REGISTRY.register(collector)
+    except ValueError as e:
+        # another collector already reports these names: the manager works the same,
+        # only unobserved by Prometheus
+        logger.warning("AMM metrics not registered with Prometheus: %s", e)
+        return
+    _collector = collector
 
 
 def unregister(scheduler: Scheduler) -> None:

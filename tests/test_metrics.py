@@ -8,12 +8,14 @@ import prometheus_client
 
 from distributed.utils_test import (
     async_poll_for,
+    captured_logger,
     fetch_metrics,
     fetch_metrics_body,
     gen_cluster,
     inc,
 )
 
+from amm import ActiveMemoryManager, metrics
 from conftest import amm_config
 
 
@@ -81,3 +83,19 @@ def test_nothing_reported_once_the_scheduler_closes():
 
     run()
     assert b"dask_amm" not in prometheus_client.generate_latest()
+
+
+def test_a_name_clash_is_logged_and_the_manager_works_on(synthetic, monkeypatch):
+    """Names already reported by another collector (here: the one registered
+    before, which a reset of the module forgets) are logged, not raised
+    """
+    s, _ = synthetic
+    manager = s.extensions["amm"] = ActiveMemoryManager(s, start=False)
+    metrics.register(s)  # if no test registered one before in this process
+    monkeypatch.setattr(metrics, "_collector", None)
+    with captured_logger("distributed.active_memory_manager") as log:
+        metrics.register(s)
+    assert "AMM metrics not registered with Prometheus" in log.getvalue()
+    assert metrics._collector is None
+    manager.run_once()
+    assert manager.stats.cycles == 1
