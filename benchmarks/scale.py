@@ -581,7 +581,8 @@ def plot(runs: list[Run], path_prefix: str) -> list[str]:
     written = []
     for axis in ("workers", "keys"):
         fig, ax = plt.subplots(figsize=(8, 5))
-        for scenario in sorted({r.scenario for r in runs}):
+        # a color per scenario, solid for this project and dashed for distributed
+        for i, scenario in enumerate(sorted({r.scenario for r in runs})):
             for side, style in (("ours", "-o"), ("theirs", "--x")):
                 pts = sorted(
                     (getattr(r, axis), r.one_cycle_seconds)
@@ -590,7 +591,7 @@ def plot(runs: list[Run], path_prefix: str) -> list[str]:
                     and (axis == "workers" and r.keys == max(x.keys for x in runs) or axis == "keys" and r.workers == max(x.workers for x in runs))
                 )
                 if len(pts) >= 1:
-                    ax.plot(*zip(*pts), style, label=f"{scenario} ({'amm' if side == 'ours' else 'distributed'})")
+                    ax.plot(*zip(*pts), style, color=f"C{i}", label=f"{scenario} ({'amm' if side == 'ours' else 'distributed'})")
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("workers (W)" if axis == "workers" else "keys (K)")
