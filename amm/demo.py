@@ -122,7 +122,8 @@ def report(results: list[Result]) -> str:
         lines.append(
             f"\n'{r.mode}' vs 'off': peak managed memory x{r.peak_managed / off.peak_managed:.2f}, "
             f"peak process memory x{r.peak_process / off.peak_process:.2f}, "
-            f"run time x{r.seconds / off.seconds:.2f}"
+            f"run time x{r.seconds / off.seconds:.2f}, "
+            f"transferred x{r.bytes_transferred / max(off.bytes_transferred, 1):.2f}"
         )
     return "\n".join(lines)
 

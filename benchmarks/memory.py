@@ -88,7 +88,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 "speed_vs_off": off.seconds / r.seconds,
                 "replicas_dropped": r.replicas_dropped,
                 "transferred_mib": r.bytes_transferred / 2**20,
-                "transferred_vs_off": r.bytes_transferred / off.bytes_transferred,
+                # a single worker sends nothing
+                "transferred_vs_off": r.bytes_transferred / max(off.bytes_transferred, 1),
             }
         )
     table = [
