@@ -6,17 +6,17 @@ import asyncio
 
 import pytest
 
-from distributed import wait
+from distributed import Nanny, wait
 from distributed.active_memory_manager import (
     ActiveMemoryManagerPolicy as DistributedPolicy,
 )
 from distributed.active_memory_manager import RetireWorker as DistributedRetireWorker
 from distributed.active_memory_manager import Suggestion as DistributedSuggestion
 from distributed.core import Status
-from distributed.utils_test import gen_cluster, inc
+from distributed.utils_test import async_poll_for, gen_cluster, inc
 
 import amm
-from amm import ActiveMemoryManager, ActiveMemoryManagerPolicy, Suggestion
+from amm import ActiveMemoryManager, ActiveMemoryManagerPolicy, AMMClient, Suggestion
 from conftest import amm_config
 from helpers import DemoPolicy, demo
 
@@ -226,3 +226,39 @@ async def test_retire_several_workers_with_reduce_replicas(c, s, *workers):
     assert set(s.workers) == {workers[3].address}
     assert await c.gather(futs) == list(range(1, 41))
     assert s.workers[workers[3].address].status == Status.running
+
+
+@gen_cluster(
+    client=True,
+    Worker=Nanny,
+    nthreads=[("", 1)] * 2,
+    config=amm_config(
+        start=True, interval="50ms", **{"replicate.serve-client-replicate": True}
+    ),
+)
+async def test_client_restart_keeps_the_manager_working(c, s, a, b):
+    """client.restart() forgets every key and restarts every worker process: the
+    manager stays installed and running, forgets what it tracked, and acts on what
+    comes after
+    """
+    manager = s.extensions["amm"]
+    x = await c.scatter({"x": 1}, broadcast=True)
+    await async_poll_for(lambda: len(s.tasks["x"].who_has) == 2, timeout=5)
+
+    await c.restart()
+    assert s.extensions["amm"] is manager
+    assert manager.running
+    assert await AMMClient(c).tracked() == []
+    del x
+
+    wa, wb = s.workers
+    y = c.submit(inc, 1, key="y", workers=[wa])
+    z = c.submit(inc, y, key="z", workers=[wb])
+    assert await z == 3
+    await async_poll_for(lambda: len(s.tasks["y"].who_has) == 1, timeout=5)
+    w = await c.scatter({"w": 2}, broadcast=True)
+    await async_poll_for(lambda: len(s.tasks["w"].who_has) == 2, timeout=5)
+    await asyncio.sleep(0.3)  # kept, not dropped by ReduceReplicas
+    assert len(s.tasks["w"].who_has) == 2
+    assert [t["key"] for t in await AMMClient(c).tracked()] == ["w"]
+    assert await c.gather(w) == {"w": 2}
