@@ -23,6 +23,7 @@ from distributed.http.prometheus import PrometheusCollector
 from distributed.scheduler import Scheduler
 
 from amm.logs import logger
+from amm.manager import ActiveMemoryManager
 
 #: (name, help, the key of ``ManagerStats.to_dict()`` it reports); counters are
 #: exposed with a ``_total`` suffix
@@ -63,8 +64,6 @@ class AMMMetricCollector(PrometheusCollector):
 
     def collect(self) -> Iterator[Any]:
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-
-        from amm.manager import ActiveMemoryManager
 
         server = self.server
         manager = server.extensions.get("amm") if server is not None else None
