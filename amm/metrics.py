@@ -15,7 +15,6 @@ of tests, a process runs one scheduler).
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Iterator
 from typing import Any
 
@@ -69,7 +68,7 @@ class AMMMetricCollector(PrometheusCollector):
         manager = server.extensions.get("amm") if server is not None else None
         if not isinstance(manager, ActiveMemoryManager):
             return  # uninstalled since; distributed's manager has no such counters
-        stats = manager.stats
+        values = manager.stats.to_dict()
         yield GaugeMetricFamily(
             self.build_name("running"),
             "Whether the AMM runs its cycle periodically (1) or not (0)",
@@ -83,23 +82,18 @@ class AMMMetricCollector(PrometheusCollector):
         yield GaugeMetricFamily(
             self.build_name("max_slice_seconds"),
             "Longest time the AMM held the event loop in one go",
-            value=stats.max_slice_seconds,
+            value=values["max_slice_seconds"],
         )
-        values = stats.to_dict()
         for name, help_, key in COUNTERS:
             yield CounterMetricFamily(self.build_name(name), help_, value=values[key])
-        # Labelled by what precedes "(" in the policy's repr, the class name for
-        # policies whose repr is Class(args): the whole repr may name a worker
-        # (RetireWorker), which would make a label value per retirement
-        by_class: Counter[str] = Counter()
-        for policy, accepted in values["by_policy"].items():
-            by_class[policy.split("(", 1)[0]] += accepted
+        # By class, not by repr: a repr may name a worker (RetireWorker), which
+        # would make a label value per retirement
         accepted = CounterMetricFamily(
             self.build_name("suggestions_accepted"),
             "Suggestions the AMM accepted, by policy class",
             labels=["policy"],
         )
-        for cls, n in sorted(by_class.items()):
+        for cls, n in sorted(values["by_class"].items()):
             accepted.add_metric([cls], n)
         yield accepted
 

@@ -20,10 +20,14 @@ class CycleStats:
     policy_errors: int = 0
     #: accepted suggestions per policy, by repr
     by_policy: Counter[str] = field(default_factory=Counter)
+    #: the same by policy class name: a bounded set of names, where reprs may name
+    #: a worker (RetireWorker) or an object's address
+    by_class: Counter[str] = field(default_factory=Counter)
 
     def count_policy(self, policy: object, accepted: int) -> None:
         if accepted:
             self.by_policy[repr(policy)] += accepted
+            self.by_class[type(policy).__name__] += accepted
 
     def add(self, other: CycleStats) -> None:
         self.replicas_requested += other.replicas_requested
@@ -32,6 +36,7 @@ class CycleStats:
         self.drop_rejected += other.drop_rejected
         self.policy_errors += other.policy_errors
         self.by_policy.update(other.by_policy)
+        self.by_class.update(other.by_class)
 
 
 @dataclass
@@ -68,4 +73,5 @@ class ManagerStats:
         out = asdict(self)
         out.update(out.pop("total"))
         out["by_policy"] = dict(self.total.by_policy)
+        out["by_class"] = dict(self.total.by_class)
         return out

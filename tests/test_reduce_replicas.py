@@ -25,6 +25,7 @@ async def test_drops_superfluous_replicas(c, s, *workers):
     stats = await AMMClient(c).statistics()
     assert stats["drops_requested"] == 3
     assert stats["by_policy"] == {"ReduceReplicas()": 3}
+    assert stats["by_class"] == {"ReduceReplicas": 3}
 
 
 #: (waiters processing on w1, on w2, not assigned yet; replicas kept under the
