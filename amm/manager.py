@@ -242,7 +242,7 @@ class ActiveMemoryManager:
                 if cycle.slices:
                     cycle.refresh()
                 done = cycle.run(start + self.time_slice * SLICE_AIM)
-                cycle.enact()
+                cycle.enact(final=done)
             except BaseException:
                 self._cycle = None
                 raise

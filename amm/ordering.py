@@ -245,6 +245,8 @@ class WorkerMemoryOrder:
         exclude: tuple[Set[WorkerState], ...] = (),
     ) -> WorkerState | None:
         """The least loaded eligible worker, or None"""
+        if candidates is not None and len(candidates) <= self._scan_limit:
+            return self._scan(candidates, require, exclude, False)  # the common case
         return self._search(candidates, require, exclude, False)
 
     def highest(
@@ -254,6 +256,8 @@ class WorkerMemoryOrder:
         exclude: tuple[Set[WorkerState], ...] = (),
     ) -> WorkerState | None:
         """The most loaded eligible worker, or None"""
+        if candidates is not None and len(candidates) <= self._scan_limit:
+            return self._scan(candidates, require, exclude, True)  # the common case
         return self._search(candidates, require, exclude, True)
 
     def scan_highest(
@@ -301,12 +305,15 @@ class WorkerMemoryOrder:
         set may only shrink during a cycle: the manager validates it once), so it
         is deleted and never stepped over again.
         """
-        skipped: list[Entry] = []
+        skipped: list[Entry] | None = None  # most walks skip nothing
         choice = None
         for entry in reversed(sorted_.entries) if highest else sorted_.entries:
             ws = entry[2]
             if candidates is not None and ws not in candidates:
-                skipped.append(entry)
+                if skipped is None:
+                    skipped = [entry]
+                else:
+                    skipped.append(entry)
                 continue
             if require is not None and ws not in require:
                 continue
@@ -340,7 +347,7 @@ class WorkerMemoryOrder:
     ) -> WorkerState | None:
         memory = self.memory
         best = None
-        best_key = (0, "")
+        best_nbytes = 0
         for ws in candidates:
             if require is not None and ws not in require:
                 continue
@@ -353,7 +360,18 @@ class WorkerMemoryOrder:
                     nbytes = self.get(ws)  # read it now
                     if nbytes is None:
                         continue  # joined after this cycle began
-                key = (nbytes, ws.address)
-                if best is None or (key > best_key if highest else key < best_key):
-                    best, best_key = ws, key
+                # (nbytes, address) order, comparing addresses only on a tie
+                if (
+                    best is None
+                    or (nbytes > best_nbytes if highest else nbytes < best_nbytes)
+                    or (
+                        nbytes == best_nbytes
+                        and (
+                            ws.address > best.address
+                            if highest
+                            else ws.address < best.address
+                        )
+                    )
+                ):
+                    best, best_nbytes = ws, nbytes
         return best

@@ -35,6 +35,22 @@ def test_sliced_cycle_without_event_loop_runs_to_completion():
     assert all(len(ts.who_has) == 1 for ts in s.tasks.values())
 
 
+
+def test_slices_ending_between_two_drops_of_one_key():
+    """A slice can end between two drops of the same key. The drop sent at the end
+    of the first slice is already gone from who_has, so it must no longer count as
+    pending either: counted twice, it would make the second drop look like it takes
+    the last replica, and the key would keep two.
+    """
+    s, recorder, wss = synthetic(nkeys=500, nworkers=3)  # 2 drops per key
+    m = ActiveMemoryManager(s, [ReduceReplicas()], register=False, start=False)
+    m.time_slice = 0
+    m.run_once()
+    assert m.stats.cycles_sliced == 1
+    assert m.stats.total.drops_requested == 500 * 2
+    assert m.stats.total.drop_rejected == 0
+    assert all(len(ts.who_has) == 1 for ts in s.tasks.values())
+
 class NotResumable(ActiveMemoryManagerPolicy):
     """Iterates a live set: must never be suspended in the middle"""
 
