@@ -337,7 +337,7 @@ class Cycle:
             if ws is None:
                 self.stats.replicate_rejected += 1
                 return None
-            delta = ts.get_nbytes()
+            delta = self.order.update(ws, ts.get_nbytes())
             if entry:
                 entry[0].add(ws)
             else:
@@ -347,12 +347,11 @@ class Cycle:
             if ws is None:
                 self.stats.drop_rejected += 1
                 return None
-            delta = -min(ts.get_nbytes(), self.memory[ws])  # never below zero
+            delta = self.order.update(ws, -ts.get_nbytes())
             if entry:
                 entry[1].add(ws)
             else:
                 self.pending[ts] = (set(), {ws})
-        self.order.update(ws, delta)
         self._unsent.append((op, ts, ws, delta))
         return ws
 

@@ -197,9 +197,10 @@ class WorkerMemoryOrder:
             self._complete = True
         return self.memory
 
-    def update(self, ws: WorkerState, delta: int) -> None:
+    def update(self, ws: WorkerState, delta: int) -> int:
         """Add ``delta`` bytes to the expected memory of ``ws``, one of the workers
-        of this order
+        of this order, but never take it below zero (a drop of a key larger than
+        the worker's measured memory); return the change actually made
         """
         memory = self.memory
         old = memory.get(ws)
@@ -207,6 +208,8 @@ class WorkerMemoryOrder:
             old = self.get(ws)
             if old is None:
                 raise KeyError(ws)
+        if old + delta < 0:
+            delta = -old
         memory[ws] = old + delta
         sorted_ = self._sorted
         if sorted_ is not None and ws in sorted_.members:
@@ -215,6 +218,7 @@ class WorkerMemoryOrder:
             for view in self._views.values():
                 if ws in view.members:
                     view.stale.setdefault(ws, old)
+        return delta
 
     def _whole(self) -> _Sorted:
         """The walkable workers, sorted and caught up"""
