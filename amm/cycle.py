@@ -122,6 +122,8 @@ class Cycle:
         self._current: PolicyRun | None = None
         # Accepted and not yet sent to the workers
         self._unsent: list[JournalEntry] = []
+        #: a replication was accepted in this cycle (and may still be pending)
+        self._replicated = False
         #: seconds to send one accepted suggestion, measured by enact()
         self.send_cost = 5e-6
 
@@ -338,6 +340,7 @@ class Cycle:
                 self.stats.replicate_rejected += 1
                 return None
             delta = self.order.update(ws, ts.get_nbytes())
+            self._replicated = True
             if entry:
                 entry[0].add(ws)
             else:
@@ -531,9 +534,10 @@ class Cycle:
         Sent drops leave ``pending``, since the scheduler forgets the replica as it
         sends the message and ``who_has`` already shows it; sent replications stay
         until the cycle ends, since the copy only shows in ``who_has`` once made.
-        ``final``: the cycle ends with this call and ``pending`` with it, so there
-        is no need to take the drops out of it (four hash lookups each, a sixth of
-        the cost of sending a drop).
+        Taking a drop out of ``pending`` costs four hash lookups, a sixth of the
+        cost of sending it, so it is only done one by one when it must be: not when
+        the cycle ends with this call (``final``), and not when ``pending`` holds
+        nothing but drops, all of them sent now.
         """
         unsent, self._unsent = self._unsent, []
         if self._current is not None:
@@ -543,7 +547,7 @@ class Cycle:
         start = perf_counter()
         validate = self.scheduler.validate
         pending = self.pending
-        unpend = not final
+        unpend = not final and self._replicated
         # Grouped by address: a str hashes in C, a WorkerState in Python
         repl_by_worker: defaultdict[str, list[Key]] = defaultdict(list)
         drop_by_worker: defaultdict[str, list[Key]] = defaultdict(list)
@@ -560,6 +564,8 @@ class Cycle:
                 if unpend:
                     # the scheduler forgets the replica as the message goes out
                     self._unpend(op, ts, ws)
+        if not final and not self._replicated:
+            pending.clear()  # the same dict: policies hold on to it
         if logger.isEnabledFor(logging.DEBUG):
             # distributed's wording, which its tests and users' log filters match
             ntasks = len({ts for _, ts, _, _ in unsent})

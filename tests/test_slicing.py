@@ -132,6 +132,43 @@ def test_checkpoint_is_ignored_in_a_policy_not_declaring_resumable():
     assert m.stats.total.drops_requested == 1
 
 
+
+class SplitAcrossSlices(ActiveMemoryManagerPolicy):
+    """A replication and a drop, a checkpoint, then the same replication again"""
+
+    resumable = True
+
+    def run(self):
+        x, y = self.manager.scheduler.tasks["x"], self.manager.scheduler.tasks["y"]
+        target = frozenset(self.manager.scheduler.workers.values()) - x.who_has
+        self.first = yield ("replicate", x, target)
+        yield ("drop", y, None)
+        yield CHECKPOINT
+        # the replication sent in the first slice is still pending: the copy
+        # doesn't show in who_has until it is made
+        self.pending = self.manager.pending.get(x)
+        self.second = yield ("replicate", x, target)
+
+
+def test_replications_sent_in_an_earlier_slice_stay_pending():
+    s = new_scheduler()
+    recorder = Recorder(s)
+    wss = [add_worker(s, f"tcp://w{i}:1") for i in range(3)]
+    add_task(s, "x", 10, wss[:2])
+    add_task(s, "y", 10, wss[:2])
+    policy = SplitAcrossSlices()
+    m = ActiveMemoryManager(s, [policy], register=False, start=False)
+    m.time_slice = 0
+    m.run_once()
+    assert m.stats.last_cycle_slices == 2
+    assert policy.first is wss[2]
+    assert policy.pending == ({wss[2]}, set())
+    assert policy.second is None  # not asked to fetch x twice
+    assert [(op, addr) for op, addr, _ in recorder.sent] == [
+        ("acquire-replicas", "tcp://w2:1"),
+        ("remove-replicas", "tcp://w1:1"),
+    ]
+
 class ReplicateAfterAJoin(ActiveMemoryManagerPolicy):
     """Suspends the cycle until told a worker joined, then replicates a key"""
 
