@@ -64,7 +64,10 @@ class ActiveMemoryManagerPolicy(_DistributedPolicy):
     None if it rejected the suggestion. During :meth:`run`, ``self.manager.pending``
     holds the suggestions accepted so far in this cycle and
     ``self.manager.workers_memory`` the memory each worker will have once they are
-    enacted.
+    enacted. In a cycle split into time slices, a drop leaves ``pending`` once it is
+    sent at the end of a slice: the scheduler forgets the replica at that moment,
+    so ``ts.who_has`` already shows it gone. A replication stays until the cycle
+    ends, as the copy only shows in ``who_has`` once it is made.
 
     Subclassing distributed's base means these policies also run on distributed's
     own manager, and that the manager here runs any policy written for distributed.
