@@ -28,6 +28,7 @@ from typing import Any
 
 from dask.typing import Key
 from distributed.active_memory_manager import Suggestion
+from distributed.comm import CommClosedError
 from distributed.core import Status
 from distributed.metrics import time
 from distributed.scheduler import Scheduler, TaskState, WorkerState
@@ -596,11 +597,12 @@ class Cycle:
         keys: list[Key],
         stimulus_id: str,
     ) -> None:
-        # A worker whose stream is already gone is about to be removed; the others
-        # must still get their messages.
+        # A worker whose stream is already gone (KeyError), or closed a turn of the
+        # event loop before the scheduler removes the worker (CommClosedError), is
+        # about to leave; the others must still get their messages.
         try:
             request(address, keys, stimulus_id=stimulus_id)
-        except (KeyError, AttributeError) as e:
+        except (KeyError, AttributeError, CommClosedError) as e:
             logger.warning(
                 "Could not reach worker %s (%r); will retry next cycle", address, e
             )

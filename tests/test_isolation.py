@@ -166,3 +166,41 @@ async def test_bad_policy_on_live_cluster(c, s, a, b):
         await asyncio.sleep(0.01)
     assert s.extensions["amm"].stats.total.policy_errors >= 1
     assert await c.submit(lambda x: x + 1, x["x"]) == 2
+
+
+class ReplicateEach(ActiveMemoryManagerPolicy):
+    """Replicate each of ``keys`` once, to the workers at ``addresses`` in turn"""
+
+    def __init__(self, keys, addresses):
+        self.keys = keys
+        self.addresses = addresses
+        self.choices = {}
+
+    def run(self):
+        s = self.manager.scheduler
+        for i, key in enumerate(self.keys):
+            candidates = {s.workers[self.addresses[i % len(self.addresses)]]}
+            self.choices[key] = yield Suggestion("replicate", s.tasks[key], candidates)
+
+
+@gen_cluster(client=True, nthreads=[("", 1)] * 3, config=amm_config(policies=[]))
+async def test_a_worker_whose_stream_closed_does_not_stop_the_others(c, s, a, b, w3):
+    """A worker's connection can close a turn of the event loop before the
+    scheduler removes the worker. Sending to it then fails; the other workers still
+    get their messages, and the cycle completes.
+    """
+    keys = [f"x{i}" for i in range(10)]
+    futures = await c.scatter(dict(zip(keys, range(10))), workers=[w3.address])
+    m = s.extensions["amm"]
+    policy = ReplicateEach(keys, [a.address, b.address])
+    with captured_logger("distributed.active_memory_manager", logging.WARNING) as log:
+        s.stream_comms[b.address].abort()  # what BatchedSend does on a write error
+        m.run_policies_once([policy])
+    assert m.stats.cycles == 1
+    assert f"Could not reach worker {b.address}" in log.getvalue()
+    to_a = {k for k, ws in policy.choices.items() if ws.address == a.address}
+    to_b = {k for k, ws in policy.choices.items() if ws.address == b.address}
+    assert len(to_a) == len(to_b) == 5
+    while not to_a <= set(a.data):
+        await asyncio.sleep(0.01)
+    assert await c.gather(list(futures.values())) == list(range(10))
