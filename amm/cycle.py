@@ -567,20 +567,25 @@ class Cycle:
                     self._unpend(op, ts, ws)
         if not final and not self._replicated:
             pending.clear()  # the same dict: policies hold on to it
+        # distributed's wording, which its tests and users' log filters match: the
+        # lines per worker name its WorkerState, not just the address
+        workers = None
         if logger.isEnabledFor(logging.DEBUG):
-            # distributed's wording, which its tests and users' log filters match
             ntasks = len({ts for _, ts, _, _ in unsent})
             logger.debug("Enacting suggestions for %d tasks:", ntasks)
+            workers = {ws.address: ws for _, _, ws, _ in unsent}
 
         stimulus_id = f"active_memory_manager-{time()}"
         for address, keys in repl_by_worker.items():
-            logger.debug("- %s to acquire %d replicas", address, len(keys))
+            if workers:
+                logger.debug("- %s to acquire %d replicas", workers[address], len(keys))
             self._send(
                 self.scheduler.request_acquire_replicas, address, keys, stimulus_id
             )
             self.stats.replicas_requested += len(keys)
         for address, keys in drop_by_worker.items():
-            logger.debug("- %s to drop %d replicas", address, len(keys))
+            if workers:
+                logger.debug("- %s to drop %d replicas", workers[address], len(keys))
             self._send(
                 self.scheduler.request_remove_replicas, address, keys, stimulus_id
             )

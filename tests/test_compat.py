@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 
 import pytest
 
@@ -13,7 +14,7 @@ from distributed.active_memory_manager import (
 from distributed.active_memory_manager import RetireWorker as DistributedRetireWorker
 from distributed.active_memory_manager import Suggestion as DistributedSuggestion
 from distributed.core import Status
-from distributed.utils_test import async_poll_for, gen_cluster, inc
+from distributed.utils_test import async_poll_for, captured_logger, gen_cluster, inc
 
 import amm
 from amm import ActiveMemoryManager, ActiveMemoryManagerPolicy, AMMClient, Suggestion
@@ -26,6 +27,33 @@ def test_public_names():
     assert issubclass(ActiveMemoryManagerPolicy, DistributedPolicy)
     assert issubclass(amm.ReduceReplicas, ActiveMemoryManagerPolicy)
     assert amm.policies.ReduceReplicas is amm.ReduceReplicas
+
+
+@gen_cluster(client=True, nthreads=[("", 1)] * 4, config=amm_config())
+async def test_debug_log_lines_are_distributed_s(c, s, *workers):
+    """The lines logged at DEBUG are distributed's, worker by worker: its own tests
+    (test_ReduceReplicas) and users' log filters match them
+    """
+    futures = await c.scatter({"x": 123}, broadcast=True)  # noqa: F841
+    with captured_logger("distributed.active_memory_manager", logging.DEBUG) as log:
+        s.extensions["amm"].run_once()
+    lines = log.getvalue().splitlines()
+    expect = [
+        "Running policy: ReduceReplicas()",
+        "(drop, <TaskState 'x' memory>, None): dropping from <WorkerState ",
+        "(drop, <TaskState 'x' memory>, None): dropping from <WorkerState ",
+        "(drop, <TaskState 'x' memory>, None): dropping from <WorkerState ",
+        "ReduceReplicas: Dropping 3 superfluous replicas of 1 tasks",
+        "Enacting suggestions for 1 tasks:",
+        "- <WorkerState ",
+        "- <WorkerState ",
+        "- <WorkerState ",
+        "Active Memory Manager run in ",
+    ]
+    assert len(lines) == len(expect), lines
+    for line, start in zip(lines, expect):
+        assert line.startswith(start), lines
+    assert all(line.endswith(" to drop 1 replicas") for line in lines[6:9]), lines
 
 
 @gen_cluster(client=True, nthreads=[("", 1)] * 4, config=amm_config(policies=[demo("drop", n=5)]))
