@@ -35,7 +35,6 @@ def test_sliced_cycle_without_event_loop_runs_to_completion():
     assert all(len(ts.who_has) == 1 for ts in s.tasks.values())
 
 
-
 def test_slices_ending_between_two_drops_of_one_key():
     """A slice can end between two drops of the same key. The drop sent at the end
     of the first slice is already gone from who_has, so it must no longer count as
@@ -50,6 +49,7 @@ def test_slices_ending_between_two_drops_of_one_key():
     assert m.stats.total.drops_requested == 500 * 2
     assert m.stats.total.drop_rejected == 0
     assert all(len(ts.who_has) == 1 for ts in s.tasks.values())
+
 
 class NotResumable(ActiveMemoryManagerPolicy):
     """Iterates a live set: must never be suspended in the middle"""
@@ -130,7 +130,6 @@ def test_checkpoint_is_ignored_in_a_policy_not_declaring_resumable():
     m.run_once()
     assert m.stats.last_cycle_slices == 1
     assert m.stats.total.drops_requested == 1
-
 
 
 class SplitAcrossSlices(ActiveMemoryManagerPolicy):
