@@ -174,7 +174,7 @@ def test_sender_keeps_role_while_its_keys_are_busy():
     assert sim.fractions()[0] - sim.mean() <= 0.05
 
 
-def test_nothing_moves_under_sender_min():
+def test_nothing_moves_under_sender_min_synthetic():
     sim = Sim([100 * MiB] * 4, spill_margin=False)
     sim.fill(0, 29, MiB)  # 0.29 < sender-min 0.30
     for _ in range(3):

@@ -119,7 +119,7 @@ def test_honours_desired_replicas():
 def test_counts_pending_suggestions_of_other_policies():
     """Two instances in one cycle do not drop the same surplus twice"""
     s = new_scheduler()
-    recorder = Recorder(s)
+    Recorder(s)  # in place of the workers' streams
     wss = [add_worker(s, f"tcp://w{i}:1") for i in range(4)]
     add_task(s, "x", 10, wss)
     from amm import ActiveMemoryManager
