@@ -204,3 +204,26 @@ async def test_a_worker_whose_stream_closed_does_not_stop_the_others(c, s, a, b,
     while not to_a <= set(a.data):
         await asyncio.sleep(0.01)
     assert await c.gather(list(futures.values())) == list(range(10))
+
+
+@gen_cluster(client=True, nthreads=[("", 1)] * 2, config=amm_config(measure="managed"))
+async def test_no_drop_leaves_a_key_only_on_a_worker_that_cannot_be_reached(c, s, a, b):
+    """b's stream has closed and the scheduler has not removed b yet, so b still
+    counts as a holder. ReduceReplicas would drop the copies on a (the more loaded
+    worker) and keep b's, which vanish a moment later with b. Those drops are
+    withdrawn at send time instead.
+    """
+    keys = [f"x{i}" for i in range(20)]
+    futures = await c.scatter(dict(zip(keys, range(20))), broadcast=True)
+    pad = await c.scatter({"pad": b"0" * 2**20}, workers=[a.address])  # noqa: F841
+    m = s.extensions["amm"]
+    with captured_logger("distributed.active_memory_manager", logging.WARNING) as log:
+        s.stream_comms[b.address].abort()
+        m.run_once()
+    assert "Kept 20 replicas whose other copies are only on workers" in log.getvalue()
+    assert m.stats.total.drops_requested == 0
+    assert m.stats.total.drop_rejected == 20
+    while b.address in s.workers:
+        await asyncio.sleep(0.01)
+    assert all(s.tasks[k].who_has == {s.workers[a.address]} for k in keys)
+    assert await c.gather(list(futures.values())) == list(range(20))
