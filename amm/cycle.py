@@ -367,9 +367,13 @@ class Cycle:
         """
         withdrawn = self._unsent[start:]
         del self._unsent[start:]
-        for op, ts, ws, delta in reversed(withdrawn):
-            self._unpend(op, ts, ws)
-            self.order.update(ws, -delta)
+        for entry in reversed(withdrawn):
+            self._withdraw(*entry)
+
+    def _withdraw(self, op: str, ts: TaskState, ws: WorkerState, delta: int) -> None:
+        """Undo an accepted suggestion that was not sent"""
+        self._unpend(op, ts, ws)
+        self.order.update(ws, -delta)
 
     def _unpend(self, op: str, ts: TaskState, ws: WorkerState) -> None:
         """Remove ``ws`` from the pending replications or drops of ``ts``"""
@@ -623,8 +627,7 @@ class Cycle:
                 for h in ts.who_has or ()
                 if h not in pending[ts][1]
             ):
-                self._unpend(op, ts, ws)  # ws survives: later drops of ts count it
-                self.order.update(ws, -delta)
+                self._withdraw(op, ts, ws, delta)  # later drops of ts count ws
                 self.stats.drop_rejected += 1
                 withdrawn.append(ts.key)
             else:
