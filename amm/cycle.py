@@ -542,9 +542,11 @@ class Cycle:
         sends the message and ``who_has`` already shows it; sent replications stay
         until the cycle ends, since the copy only shows in ``who_has`` once made.
         Taking a drop out of ``pending`` costs four hash lookups, a sixth of the
-        cost of sending it, so it is only done one by one when it must be: not when
-        the cycle ends with this call (``final``), and not when ``pending`` holds
-        nothing but drops, all of them sent now.
+        cost of sending it, so it is only done one by one when it must be: when the
+        cycle goes on after this call and replications, which stay, are pending
+        too. Otherwise ``pending`` holds nothing that is still needed (the cycle
+        ends with this call, ``final``, or all it holds are the drops sent now),
+        and is cleared at once.
         """
         unsent, self._unsent = self._unsent, []
         if self._current is not None:
@@ -576,7 +578,7 @@ class Cycle:
                 if unpend:
                     # the scheduler forgets the replica as the message goes out
                     self._unpend(op, ts, ws)
-        if not final and not self._replicated:
+        if not unpend:
             pending.clear()  # the same dict: policies hold on to it
         # distributed's wording, which its tests and users' log filters match: the
         # lines per worker name its WorkerState, not just the address
