@@ -556,7 +556,7 @@ class Cycle:
         start = perf_counter()
         validate = self.scheduler.validate
         pending = self.pending
-        unreachable = _unreachable(self.scheduler)
+        unreachable = unreachable_addresses(self.scheduler)
         if unreachable:
             unsent = self._keep_reachable_replicas(unsent, unreachable)
             if not unsent:
@@ -666,9 +666,10 @@ _EMPTY: frozenset[Any] = frozenset()
 _OPS = frozenset({"replicate", "drop"})
 
 
-def _unreachable(scheduler: Scheduler) -> set[str]:
+def unreachable_addresses(scheduler: Scheduler) -> set[str]:
     """Addresses of the workers whose stream from the scheduler has closed, and
-    that the scheduler has not removed yet: 66 us at W=1000, once per send.
+    that the scheduler has not removed yet: their replicas are about to vanish.
+    66 us at W=1000, so callers check it once per send or per decision, not per key.
     """
     return {
         address for address, bs in scheduler.stream_comms.items() if bs.closed()

@@ -18,8 +18,8 @@ little per cycle and cannot hang:
 
 It subclasses distributed's ``RetireWorker`` so that ``isinstance`` checks,
 ``done()``, ``no_recipients`` and ``Scheduler._track_retire_worker`` keep working,
-and its outcome is reported exactly as distributed's: ``done()`` is True once every
-key on the worker has a replica elsewhere, and ``no_recipients`` is raised (with
+and its outcome is reported as distributed's: ``done()`` is True once every key on
+the worker has a replica elsewhere (on a worker the scheduler can still reach), and ``no_recipients`` is raised (with
 the same warnings) when the worker holds actors or no worker can receive its data.
 """
 
@@ -32,6 +32,7 @@ from distributed.core import Status
 from distributed.scheduler import TaskState, WorkerState
 
 from amm.config import AMMConfigError, option, parse_duration
+from amm.cycle import unreachable_addresses
 from amm.logs import logger
 from amm.policy import ActiveMemoryManagerPolicy, SuggestionGenerator
 
@@ -212,11 +213,52 @@ class RetireWorker(ActiveMemoryManagerPolicy, _DistributedRetireWorker):
                 logger.debug(
                     "Retiring worker %s; %d keys left to move", self.address, nrepl
                 )
+        elif not self._held_elsewhere(ws):
+            # Every key seemed to be elsewhere, but some are only on workers whose
+            # stream has just closed: their copies vanish when the scheduler
+            # removes them. Stay, so that done() stays False, and replicate those
+            # keys at the next cycle, by when they are unique here.
+            logger.debug(
+                "Retiring worker %s; waiting for the scheduler to remove unreachable "
+                "holders of its keys",
+                self.address,
+            )
         else:
             logger.info(
                 f"Retiring worker {self.address}; no unique keys need to be moved away."
             )
             manager.policies.discard(self)
+
+    def done(self) -> bool:
+        """True once it is safe to close the worker: distributed's rule (every key
+        on it has a replica elsewhere), except that a replica on a worker whose
+        stream has closed does not count. The scheduler removes such a worker a
+        moment later, with its replicas; closing the retiring worker on their
+        account would lose the keys.
+        """
+        if self not in self.manager.policies:
+            # run() removed it: no_recipients, or nothing left to move (checked
+            # with the same rule)
+            return True
+        ws = self.manager.scheduler.workers.get(self.address)
+        return ws is None or self._held_elsewhere(ws)
+
+    def _held_elsewhere(self, ws: WorkerState) -> bool:
+        """Whether every key on ``ws`` has a replica on another worker that the
+        scheduler can still reach
+        """
+        has_what = ws.has_what
+        if not all(len(ts.who_has or ()) > 1 for ts in has_what):
+            return False
+        # Only once the cheap check passes: the scan of the streams costs more than
+        # that of the keys, and done() is polled
+        unreachable = unreachable_addresses(self.manager.scheduler)
+        return not unreachable or all(
+            any(
+                h is not ws and h.address not in unreachable for h in ts.who_has or ()
+            )
+            for ts in has_what
+        )
 
     def unique_keys(self) -> list[Any]:
         """Keys whose only replica is on the retiring worker (they would be lost if

@@ -322,6 +322,48 @@ async def test_retire_survives_dying_recipient(c, s, w1, w2):
     assert not retire_policies(s)
 
 
+@gen_cluster(client=True, nthreads=[("", 1)] * 3, config=RUNNING)
+async def test_retire_does_not_count_replicas_on_an_unreachable_worker(c, s, a, b, w3):
+    """b's stream has closed and the scheduler has not removed b yet, so b still
+    counts as a holder of the keys a also holds. Had the retirement counted those
+    replicas (distributed's done() does), a would close at once and the keys would
+    vanish with b a moment later. It waits for b to go, then moves them to w3.
+    """
+    wire(s)
+    data = {f"x{i}": i for i in range(10)}
+    futures = await c.scatter(data, workers=[a.address, b.address], broadcast=True)
+    assert all(len(s.tasks[k].who_has) == 2 for k in data)
+    s.stream_comms[b.address].abort()
+    out = await s.retire_workers(workers=[a.address])
+    assert list(out) == [a.address]
+    assert set(s.workers) == {w3.address}
+    assert dict(w3.data) == data
+    assert await c.gather(futures) == data
+
+
+@gen_cluster(client=True, nthreads=[("", 1)] * 3, config=RUNNING)
+async def test_retire_worker_done_ignores_replicas_on_an_unreachable_worker(
+    c, s, a, b, w3
+):
+    """The same race, checked where it is decided: while b is unreachable and not
+    yet removed, the policy neither removes itself nor reports done().
+    """
+    data = {f"x{i}": i for i in range(10)}
+    futures = await c.scatter(data, workers=[a.address, b.address], broadcast=True)
+    m = s.extensions["amm"]
+    policy = RetireWorker(a.address)
+    m.add_policy(policy)
+    s.stream_comms[b.address].abort()
+    m.run_once()  # synchronous: b cannot have been removed yet
+    assert b.address in s.workers
+    assert policy in m.policies
+    assert not policy.done()
+    await async_poll_for(policy.done, timeout=5)
+    wss = {s.workers[a.address], s.workers[w3.address]}
+    assert all(s.tasks[k].who_has == wss for k in data)
+    assert await c.gather(futures) == data
+
+
 TIMEOUT = {**RUNNING, "amm.retire.timeout": "500ms"}
 
 
