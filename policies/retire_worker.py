@@ -19,8 +19,9 @@ little per cycle and cannot hang:
 It subclasses distributed's ``RetireWorker`` so that ``isinstance`` checks,
 ``done()``, ``no_recipients`` and ``Scheduler._track_retire_worker`` keep working,
 and its outcome is reported as distributed's: ``done()`` is True once every key on
-the worker has a replica elsewhere (on a worker the scheduler can still reach), and ``no_recipients`` is raised (with
-the same warnings) when the worker holds actors or no worker can receive its data.
+the worker has a replica elsewhere (here: on a worker that is staying, neither
+retiring nor unreachable), and ``no_recipients`` is raised (with the same warnings)
+when the worker holds actors or no worker can receive its data.
 """
 
 from __future__ import annotations
@@ -214,13 +215,15 @@ class RetireWorker(ActiveMemoryManagerPolicy, _DistributedRetireWorker):
                     "Retiring worker %s; %d keys left to move", self.address, nrepl
                 )
         elif not self._held_elsewhere(ws):
-            # Every key seemed to be elsewhere, but some are only on workers whose
-            # stream has just closed: their copies vanish when the scheduler
-            # removes them. Stay, so that done() stays False, and replicate those
-            # keys at the next cycle, by when they are unique here.
+            # Every key seemed to be elsewhere, but some only on workers that are
+            # leaving: retiring too (one of the two copies is being dropped, and
+            # the other worker's policy will move the last one), or whose stream
+            # has just closed (the scheduler is about to remove them). Stay, so
+            # that done() stays False; by the next cycle those keys are gone from
+            # here, or unique here and moved.
             logger.debug(
-                "Retiring worker %s; waiting for the scheduler to remove unreachable "
-                "holders of its keys",
+                "Retiring worker %s; some of its keys are elsewhere only on "
+                "workers that are leaving",
                 self.address,
             )
         else:
@@ -231,10 +234,12 @@ class RetireWorker(ActiveMemoryManagerPolicy, _DistributedRetireWorker):
 
     def done(self) -> bool:
         """True once it is safe to close the worker: distributed's rule (every key
-        on it has a replica elsewhere), except that a replica on a worker whose
-        stream has closed does not count. The scheduler removes such a worker a
-        moment later, with its replicas; closing the retiring worker on their
-        account would lose the keys.
+        on it has a replica elsewhere), except that a replica counts only on a
+        worker that is staying. One whose stream has closed is removed by the
+        scheduler a moment later, with its replicas; one that is retiring too may
+        close at the same time, if this policy and its own have not run yet (a
+        cycle in progress defers them). Counting either would let the worker
+        close with the only copies of its keys.
         """
         if self not in self.manager.policies:
             # run() removed it: no_recipients, or nothing left to move (checked
@@ -244,18 +249,20 @@ class RetireWorker(ActiveMemoryManagerPolicy, _DistributedRetireWorker):
         return ws is None or self._held_elsewhere(ws)
 
     def _held_elsewhere(self, ws: WorkerState) -> bool:
-        """Whether every key on ``ws`` has a replica on another worker that the
-        scheduler can still reach
+        """Whether every key on ``ws`` has a replica on another worker that is not
+        retiring and that the scheduler can still reach
         """
         has_what = ws.has_what
         if not all(len(ts.who_has or ()) > 1 for ts in has_what):
             return False
-        # Only once the cheap check passes: the scan of the streams costs more than
-        # that of the keys, and done() is polled
+        # Only once the cheap check passes: done() is polled
         unreachable = unreachable_addresses(self.manager.scheduler)
-        return not unreachable or all(
+        return all(
             any(
-                h is not ws and h.address not in unreachable for h in ts.who_has or ()
+                h is not ws
+                and h.status != Status.closing_gracefully
+                and h.address not in unreachable
+                for h in ts.who_has or ()
             )
             for ts in has_what
         )

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 import pytest
 
@@ -22,7 +23,8 @@ from distributed.utils_test import (
 )
 from distributed.worker_state_machine import AcquireReplicasEvent
 
-from amm import ActiveMemoryManager, AMMConfigError, RetireWorker
+from amm import ActiveMemoryManager, ActiveMemoryManagerPolicy, AMMConfigError, RetireWorker
+from amm.policy import CHECKPOINT
 from amm.retirement import (
     PAUSED_RESTART_CALLBACK,
     Retirements,
@@ -362,6 +364,48 @@ async def test_retire_worker_done_ignores_replicas_on_an_unreachable_worker(
     wss = {s.workers[a.address], s.workers[w3.address]}
     assert all(s.tasks[k].who_has == wss for k in data)
     assert await c.gather(futures) == data
+
+
+class SpansSlices(ActiveMemoryManagerPolicy):
+    """Any policy whose work takes several time slices (ReduceReplicas or
+    ReplicateN over many keys): while it runs, a new cycle can't start, so the
+    RetireWorker policies added meanwhile have not run when done() is first polled
+    """
+
+    resumable = True
+
+    def run(self):
+        for _ in range(100):
+            time.sleep(0.005)
+            yield CHECKPOINT
+
+
+@gen_cluster(
+    client=True,
+    nthreads=[("", 1)] * 3,
+    config={**RUNNING, "amm.time-slice": "10ms"},
+)
+async def test_retire_two_workers_holding_the_only_copies(c, s, a, b, w3):
+    """a and b hold the only copies of x and retire together. Each copy counting
+    for the other (distributed's done()), both would be reported done before their
+    policies ran, and close: x would be lost. (With remove=True the first one's
+    removal happens to save the second; remove=False is the path of
+    Worker.close_gracefully.)
+    """
+    wire(s)
+    m = s.extensions["amm"]
+    x = await c.scatter({"x": 1}, workers=[a.address, b.address], broadcast=True)
+    m.add_policy(SpansSlices())
+    m.run_once()
+    assert m.cycle_in_progress
+    out = await s.retire_workers(
+        workers=[a.address, b.address], close_workers=False, remove=False
+    )
+    assert set(out) == {a.address, b.address}
+    assert "x" in w3.data
+    await a.close()
+    await b.close()
+    assert await c.gather(x) == {"x": 1}
 
 
 TIMEOUT = {**RUNNING, "amm.retire.timeout": "500ms"}
