@@ -15,7 +15,9 @@ it misbehaves:
 
 A policy that raises, or yields something that is not a valid suggestion, has every
 suggestion it made in this cycle withdrawn (those not sent yet, if the cycle was
-split in time slices); the other policies are unaffected.
+split in time slices); the other policies are unaffected. One whose
+``desired_replicas`` raises is left out of the desired counts for the rest of the
+cycle.
 """
 
 from __future__ import annotations
@@ -85,7 +87,7 @@ class Cycle:
         self,
         scheduler: Scheduler,
         measure: str,
-        desired_replicas: Callable[[TaskState], int] | None,
+        protectors: list[Any],
         policies: Iterable[Any],
     ):
         self.scheduler = scheduler
@@ -97,7 +99,8 @@ class Cycle:
         self.slices = 0
         self.seconds = 0.0
         self.suspended = False
-        self.desired_replicas = desired_replicas
+        self.stats = CycleStats()
+        self.desired_replicas = desired_replicas_of(protectors, self._protector_failed)
         self.pending = {}
         # The workers of the cycle are those of the scheduler when it starts. Until
         # the cycle first lets the event loop run (suspend) none can join or
@@ -115,7 +118,6 @@ class Cycle:
         )
         #: per-suggestion logging is on; checked once, not per suggestion
         self.log_tasks = task_logger.isEnabledFor(logging.DEBUG)
-        self.stats = CycleStats()
         # Candidate sets already checked in this cycle, by id; the reference keeps
         # the id from being reused by another object while the cycle lasts.
         self._checked_candidates: dict[int, Set[WorkerState]] = {}
@@ -257,6 +259,10 @@ class Cycle:
             withdrawn,
             exc_info=exc,
         )
+
+    def _protector_failed(self, policy: Any, ts: TaskState) -> None:
+        self.stats.policy_errors += 1
+        _log_protector_failed(policy, ts)
 
     # -- validating and accepting suggestions ------------------------------------
 
@@ -664,6 +670,49 @@ class Cycle:
 
 _EMPTY: frozenset[Any] = frozenset()
 _OPS = frozenset({"replicate", "drop"})
+
+
+def desired_replicas_of(
+    protectors: list[Any],
+    on_error: Callable[[Any, TaskState], None] | None = None,
+) -> Callable[[TaskState], int] | None:
+    """The desired-replicas function of a cycle, or None if no policy protects keys
+    (the common case: every key desires 1, and the cycle skips the question). The
+    policies that protect keys are found once per cycle.
+
+    A protector that raises is left out from then on, and reported through
+    ``on_error``: like a policy that fails, it must not stop the others, and the
+    replicas it would have kept are never the last ones (that rule does not depend
+    on it).
+    """
+    if not protectors:
+        return None
+    protectors = list(protectors)
+
+    def desired_replicas(ts: TaskState) -> int:
+        desired = 1
+        for policy in protectors:
+            try:
+                n = policy.desired_replicas(ts)
+            except Exception:
+                protectors.remove(policy)
+                (on_error or _log_protector_failed)(policy, ts)
+                return desired_replicas(ts)
+            if n > desired:
+                desired = n
+        return desired
+
+    return desired_replicas
+
+
+def _log_protector_failed(policy: Any, ts: TaskState) -> None:
+    logger.error(
+        "Policy %r raised in desired_replicas(%r); what it protects is no longer "
+        "protected from drops in this cycle",
+        policy,
+        ts.key,
+        exc_info=True,
+    )
 
 
 def unreachable_addresses(scheduler: Scheduler) -> set[str]:

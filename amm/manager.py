@@ -9,7 +9,7 @@ stop, periodic runs), the policies and the RPC handlers.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from time import perf_counter
 from typing import Any
 
@@ -22,7 +22,7 @@ from distributed.core import Status
 from distributed.scheduler import Scheduler, TaskState, WorkerState
 
 from amm import config
-from amm.cycle import Cycle
+from amm.cycle import Cycle, desired_replicas_of
 from amm.logs import logger
 from amm.policy import ActiveMemoryManagerPolicy, PolicySet
 from amm.stats import ManagerStats
@@ -163,7 +163,7 @@ class ActiveMemoryManager:
         desired = (
             self._cycle.desired_replicas
             if self._cycle is not None
-            else _desired_replicas_of([p for p in self.policies if _protects_keys(p)])
+            else desired_replicas_of([p for p in self.policies if _protects_keys(p)])
         )
         return 1 if desired is None else desired(ts)
 
@@ -215,9 +215,7 @@ class ActiveMemoryManager:
                 return False
             raise RuntimeError("AMM cycle started from within a running cycle")
         protectors = [p for p in self.policies if _protects_keys(p)]
-        self._cycle = Cycle(
-            self.scheduler, self.measure, _desired_replicas_of(protectors), policies
-        )
+        self._cycle = Cycle(self.scheduler, self.measure, protectors, policies)
         self._run_slices()
         return True
 
@@ -335,17 +333,3 @@ def _protects_keys(policy: object) -> bool:
         and type(policy).desired_replicas
         is not ActiveMemoryManagerPolicy.desired_replicas
     )
-
-
-def _desired_replicas_of(protectors: list[Any]) -> Callable[[TaskState], int] | None:
-    """The desired-replicas function of a cycle, or None if no policy protects keys
-    (the common case: every key desires 1, and the cycle skips the question). The
-    policies that protect keys are found once per cycle.
-    """
-    if not protectors:
-        return None
-
-    def desired_replicas(ts: TaskState) -> int:
-        return max(1, *(p.desired_replicas(ts) for p in protectors))
-
-    return desired_replicas

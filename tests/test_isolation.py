@@ -42,6 +42,15 @@ class Yields(ActiveMemoryManagerPolicy):
         yield what
 
 
+class DropAll(ActiveMemoryManagerPolicy):
+    """Asks to drop every replica of every key; the manager keeps what it must"""
+
+    def run(self):
+        for ts in list(self.manager.scheduler.tasks.values()):
+            for _ in range(len(ts.who_has)):
+                yield Suggestion("drop", ts)
+
+
 class DropY(ActiveMemoryManagerPolicy):
     def run(self):
         yield Suggestion("drop", self.manager.scheduler.tasks["y"])
@@ -144,6 +153,42 @@ def test_policy_fails_again_next_cycle_and_others_keep_running(cluster):
     m.run_once()
     assert m.stats.total.policy_errors == 3
     assert len(s.tasks["y"].who_has) == 1
+
+
+class ProtectsX(ActiveMemoryManagerPolicy):
+    """Keeps 3 replicas of x"""
+
+    def run(self):
+        return ()
+
+    def desired_replicas(self, ts):
+        return 3 if ts.key == "x" else 1
+
+
+class ProtectorRaises(ActiveMemoryManagerPolicy):
+    def run(self):
+        return ()
+
+    def desired_replicas(self, ts):
+        raise KeyError(ts.key)  # a bug in the user's code
+
+
+def test_raising_protector_is_isolated(cluster):
+    """A policy whose desired_replicas() raises is left out for the rest of the
+    cycle; the drops go on, under the other protectors. Unguarded, the error went
+    through the manager and ended every cycle: nothing was ever sent.
+    """
+    s, recorder = cluster
+    bad = ProtectorRaises()
+    with captured_logger("distributed.active_memory_manager", logging.ERROR) as log:
+        m = run(s, ProtectsX(), bad, DropAll())
+    text = log.getvalue()
+    assert f"Policy {bad!r} raised in desired_replicas" in text
+    assert "KeyError" in text
+    assert m.stats.total.policy_errors == 1
+    assert len(s.tasks["x"].who_has) == 3  # still protected by ProtectsX
+    assert len(s.tasks["y"].who_has) == 1
+    assert [keys for _, _, keys in recorder.pop()] == [["y"], ["y"]]
 
 
 def test_non_generator_iterables_are_accepted(cluster):
