@@ -186,11 +186,14 @@ class RetireWorker(ActiveMemoryManagerPolicy, _DistributedRetireWorker):
                 choice = yield ("replicate", ts, None)
             if choice is not None:
                 requested[ts] = choice
-            elif ts.state == "memory" and ws in (ts.who_has or _EMPTY) and not (
-                ts.who_has & running  # type: ignore[operator]
+            elif (
+                ts.state == "memory"
+                and ws in (ts.who_has or _EMPTY)
+                and not running
             ):
-                # The manager found no running worker to send it to. (Otherwise the
-                # key was released, or a running worker got it, while suspended.)
+                # No running worker to send it to. (Otherwise the key was released,
+                # or a running worker got it, while suspended; or a worker joined or
+                # resumed after this cycle began, which only the next cycle sees.)
                 nno_rec += 1
 
         if nno_rec:

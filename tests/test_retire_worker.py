@@ -408,6 +408,49 @@ async def test_retire_two_workers_holding_the_only_copies(c, s, a, b, w3):
     assert await c.gather(x) == {"x": 1}
 
 
+class Stalls(ActiveMemoryManagerPolicy):
+    """Looks for a recipient of x (which orders the workers by memory, as any
+    search does), then keeps the cycle suspended, one slice after the other, until
+    released
+    """
+
+    resumable = True
+
+    def __init__(self):
+        self.released = False
+        self.choice = "not asked"
+
+    def run(self):
+        self.choice = yield ("replicate", self.manager.scheduler.tasks["x"], None)
+        while not self.released:
+            yield CHECKPOINT
+
+
+@gen_cluster(client=True, config=RUNNING)
+async def test_retire_in_a_cycle_begun_before_the_recipient_resumed(c, s, a, b):
+    """The retirement joins a cycle that began while b, the only possible
+    recipient, was paused. That cycle can't send x to b; the retirement must not
+    conclude that nobody can take x (and abort), as b is running now.
+    """
+    wire(s)
+    x = await c.scatter({"x": 1}, workers=[a.address])
+    await pause(s, b)
+    m = s.extensions["amm"]
+    stalls = Stalls()
+    m.add_policy(stalls)
+    m.run_once()
+    assert m.cycle_in_progress
+    assert stalls.choice is None  # b paused: nowhere to send x
+    b.status = Status.running
+    await async_poll_for(lambda: s.workers[b.address].status == Status.running, 5)
+    retiring = asyncio.create_task(c.retire_workers([a.address]))
+    await async_poll_for(lambda: retire_policies(s), timeout=5)
+    assert m.cycle_in_progress  # the retirement runs in the cycle begun before
+    stalls.released = True
+    assert list(await retiring) == [a.address]
+    assert await c.gather(x) == {"x": 1}
+
+
 TIMEOUT = {**RUNNING, "amm.retire.timeout": "500ms"}
 
 
