@@ -158,9 +158,12 @@ class Cycle:
         :data:`~amm.policy.CHECKPOINT`.
 
         ``self.policies`` is read afresh at every step, so a policy added while the
-        cycle is suspended runs in it, and one removed does not.
+        cycle is suspended runs in it, and one removed does not, nor goes on if it
+        was suspended in the middle (a retirement that timed out, say).
         """
         policies = self.policies
+        if self._current is not None and self._current.policy not in policies:
+            self.end_current()
         while True:
             if self._current is None:
                 policy = next((p for p in policies if p not in self._started), None)
@@ -175,6 +178,16 @@ class Cycle:
             self._current = None
             if self._past(deadline) and any(p not in self._started for p in policies):
                 return False
+
+    def end_current(self) -> None:
+        """Stop driving the policy the cycle is suspended in. What it decided was
+        sent when the cycle suspended; it decides nothing more.
+        """
+        run = self._current
+        if run is not None:
+            self._current = None
+            self.stats.count_policy(run.policy, run.accepted)
+            _close(run.suggestions)
 
     def _past(self, deadline: float) -> bool:
         """Whether deciding more would end the slice after ``deadline``, counting

@@ -134,10 +134,19 @@ class ActiveMemoryManager:
         pc.start()
 
     def stop(self) -> None:
-        """Stop the periodic cycle. Stopping a stopped manager does nothing."""
+        """Stop the periodic cycle, and end a cycle suspended between two time
+        slices: what it decided so far was sent, the rest is not decided. Stopping
+        a stopped manager with no cycle in progress does nothing.
+        """
         pc = self.scheduler.periodic_callbacks.pop(self._callback_name, None)
         if pc:
             pc.stop()
+        cycle = self._cycle
+        if cycle is not None and cycle.suspended:
+            self._cycle = None
+            cycle.end_current()
+            self.stats.record(cycle.stats, cycle.seconds, cycle.slices)
+            logger.debug("Active Memory Manager stopped between two time slices")
 
     @property
     def running(self) -> bool:

@@ -213,3 +213,52 @@ async def test_a_worker_joining_a_suspended_cycle_waits_for_the_next(c, s, a, b)
         m.run_policies_once([again])
         await again.done.wait()
         assert again.choice is s.workers[w.address]
+
+
+def nreduced(s, keys) -> int:
+    return sum(len(s.tasks[k].who_has) == 1 for k in keys)
+
+
+@gen_cluster(client=True, config=amm_config(start=True))
+async def test_stop_ends_a_suspended_cycle(c, s, a, b):
+    """stop() (client.amm.stop()) between two slices: nothing more is decided or
+    sent
+    """
+    keys = [f"x{i}" for i in range(200)]
+    x = await c.scatter(dict(zip(keys, range(200))), broadcast=True)  # noqa: F841
+    m = s.extensions["amm"]
+    m.time_slice = 0
+    m.run_once()
+    assert m.cycle_in_progress
+    sent = nreduced(s, keys)
+    assert 0 < sent < 200
+    m.stop()
+    assert not m.cycle_in_progress
+    assert m.stats.total.drops_requested == sent  # the ended cycle is counted
+    await asyncio.sleep(0.05)  # past the resumption the cycle had scheduled
+    assert nreduced(s, keys) == sent
+    # nothing left behind: the next cycle runs and finishes the job
+    m.time_slice = 1.0
+    m.run_once()
+    assert nreduced(s, keys) == 200
+
+
+@gen_cluster(client=True, config=amm_config(policies=[]))
+async def test_a_policy_removed_while_suspended_in_it_decides_nothing_more(c, s, a, b):
+    """e.g. a retirement that timed out: its RetireWorker is removed, and must not
+    go on moving data in the cycle that was suspended in it
+    """
+    keys = [f"x{i}" for i in range(200)]
+    x = await c.scatter(dict(zip(keys, range(200))), broadcast=True)  # noqa: F841
+    m = s.extensions["amm"]
+    policy = ReduceReplicas()
+    m.add_policy(policy)
+    m.time_slice = 0
+    m.run_once()
+    sent = nreduced(s, keys)
+    assert 0 < sent < 200
+    m.policies.discard(policy)
+    while m.cycle_in_progress:
+        await asyncio.sleep(0)
+    assert nreduced(s, keys) == sent
+    assert m.stats.total.by_policy == {"ReduceReplicas()": sent}
