@@ -264,6 +264,21 @@ class WorkerMemoryOrder:
             return self._scan(candidates, require, exclude, True)  # the common case
         return self._search(candidates, require, exclude, True)
 
+    def highest_in(
+        self,
+        members: Set[WorkerState],
+        exclude: tuple[Set[WorkerState], ...] = (),
+    ) -> WorkerState | None:
+        """The most loaded eligible worker of ``members``, a set that may change
+        during the cycle in any way (a key's who_has grows as replicas arrive):
+        scanned when small, otherwise found by walking the whole order with
+        ``members`` as a requirement, so that no sub-order is kept of it (a
+        sub-order assumes its set only shrinks)
+        """
+        if len(members) <= self._scan_limit:
+            return self._scan(members, None, exclude, True)
+        return self._walk(self._whole(), None, members, exclude, True)
+
     def scan_highest(
         self,
         candidates: Set[WorkerState],

@@ -11,6 +11,7 @@ from distributed.core import Status
 from distributed.utils_test import gen_cluster
 
 from amm import ActiveMemoryManager, ActiveMemoryManagerPolicy, Suggestion
+from amm.policy import CHECKPOINT
 from amm.testing import add_task, add_worker, set_status
 from conftest import amm_config
 from helpers import demo
@@ -170,3 +171,44 @@ def test_paused_droppers_first_synthetic(synthetic):
     # the two non-running workers first (equal memory: the last in order first),
     # then the most loaded running one; the last replica stays on wss[1]
     assert chosen == [wss[3], wss[2], wss[0]]
+
+
+class TwoDropsOfX(ActiveMemoryManagerPolicy):
+    """Drops a replica of x, lets the cycle suspend, then drops another"""
+
+    resumable = True
+
+    def run(self):
+        ts = self.manager.scheduler.tasks["x"]
+        self.first = yield ("drop", ts, None)
+        yield CHECKPOINT
+        self.second = yield ("drop", ts, None)
+
+
+def test_a_holder_added_between_slices_is_a_dropper_candidate(synthetic):
+    """who_has grows between two slices: the worker that just got a replica, the
+    most loaded of all, is where the second drop goes. Searched through a sub-order
+    built on who_has in the first slice (a sub-order assumes its set only shrinks),
+    it was never seen.
+    """
+    s, recorder = synthetic
+    wss = [add_worker(s, f"tcp://w{i:03d}:1") for i in range(100)]
+    for i, ws in enumerate(wss[:60]):  # loaded non-holders: the walk skips them
+        add_task(s, f"pad{i}", 10_000 + i, [ws])
+    add_task(s, "x", 1, wss[60:75])  # more holders than a scan takes
+    late = wss[75]
+    add_task(s, "big", 1_000_000, [late])
+    policy = TwoDropsOfX()
+    m = ActiveMemoryManager(s, [policy], register=False, start=False)
+    m.time_slice = 0
+
+    async def run():
+        m.run_once()
+        assert m.cycle_in_progress
+        s.add_replica(s.tasks["x"], late)
+        while m.cycle_in_progress:
+            await asyncio.sleep(0)
+
+    asyncio.run(run())
+    assert policy.first in wss[60:75]
+    assert policy.second is late
