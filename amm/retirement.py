@@ -64,6 +64,12 @@ class Retirements:
         self.scheduler = scheduler
         self.manager = manager
         self.original = scheduler.retire_workers
+        #: Workers being retired, by address: the status each had before the first
+        #: retirement in progress began, and how many are in progress. Two may
+        #: overlap (a retry, adaptive scale-down and a user): only the last to end
+        #: may put the worker back, and in that first status, not in the
+        #: ``closing_gracefully`` the second one found.
+        self._in_progress: dict[str, tuple[Status, int]] = {}
 
     def __repr__(self) -> str:
         return f"<Retirements for {self.scheduler.address}>"
@@ -239,6 +245,29 @@ class Retirements:
         Returns the address, the outcome, the worker's identity, and whether the
         timeout expired (with ``on-timeout: close`` the outcome is then "OK").
         """
+        before, count = self._in_progress.get(ws.address, (prev_status, 0))
+        self._in_progress[ws.address] = (before, count + 1)
+        try:
+            return await self._wait_and_finish(
+                ws, policy, before, close, remove, stimulus_id
+            )
+        finally:
+            before, count = self._in_progress.pop(ws.address)
+            if count > 1:
+                self._in_progress[ws.address] = (before, count - 1)
+
+    def _last_in_progress(self, ws: WorkerState) -> bool:
+        return self._in_progress[ws.address][1] == 1
+
+    async def _wait_and_finish(
+        self,
+        ws: WorkerState,
+        policy: RetireWorker,
+        prev_status: Status,
+        close: bool,
+        remove: bool,
+        stimulus_id: str,
+    ) -> tuple[str, Outcome, dict[str, Any], bool]:
         s = self.scheduler
         deadline = time() + policy.timeout
         timed_out = False
@@ -260,18 +289,26 @@ class Retirements:
             policy.manager.policies.discard(policy)
 
         if policy.no_recipients or (timed_out and policy.on_timeout == "abort"):
-            # Put the worker back as it was. No race to guard against here: wait for
-            # the scheduler -> worker -> scheduler round trip.
-            _send_status(s, ws, stimulus_id, prev_status)
+            if self._last_in_progress(ws):
+                # Put the worker back as it was. No race to guard against here: wait
+                # for the scheduler -> worker -> scheduler round trip. (Found
+                # closing_gracefully, by a retirement that began as another one
+                # ended: no retirement would ever close it, so it runs again.)
+                if prev_status == Status.closing_gracefully:
+                    prev_status = Status.running
+                _send_status(s, ws, stimulus_id, prev_status)
+                then = f"goes back to {prev_status.name}"
+            else:
+                then = "stays retiring: another retirement of it is in progress"
             if timed_out:
                 logger.warning(
                     "Could not retire worker %r: its unique data (%d keys) could not "
                     "be moved to other workers within %ss (amm.retire.timeout); it "
-                    "keeps it and goes back to %s (stimulus_id=%r)",
+                    "keeps it and %s (stimulus_id=%r)",
                     ws.address,
                     len(policy.unique_keys()),
                     policy.timeout,
-                    prev_status.name,
+                    then,
                     stimulus_id,
                 )
                 return ws.address, "timed-out", ws.identity(), True

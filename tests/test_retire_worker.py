@@ -478,6 +478,38 @@ async def test_retire_timeout_aborts(c, s, a):
     assert await c.gather(x) == {"x": 1}
 
 
+@gen_cluster(client=True, nthreads=[("", 1)], config=TIMEOUT)
+async def test_overlapping_retirements_that_time_out_leave_the_worker_running(c, s, a):
+    """The same worker retired twice at once (a retry; adaptive scale-down and a
+    user): the second finds it closing_gracefully. Had the later one to end put
+    it back in the status it found, the worker would stay closing_gracefully, with
+    no retirement left to close it and no task landing on it.
+    """
+    wire(s)
+    x = await c.scatter({"x": 1}, workers=[a.address])
+    async with BlockedGatherDep(s.address) as b:
+        await c.wait_for_workers(2)
+        first = asyncio.create_task(s.retire_workers(workers=[a.address]))
+        await asyncio.sleep(0.1)
+        assert s.workers[a.address].status == Status.closing_gracefully
+        second = asyncio.create_task(s.retire_workers(workers=[a.address]))
+        with captured_logger(AMM_LOGGER, logging.WARNING) as log:
+            assert await first == {}
+            # the first ended, the second goes on: the worker stays retiring
+            assert s.workers[a.address].status == Status.closing_gracefully
+            assert await second == {}
+        assert "another retirement of it is in progress" in log.getvalue()
+        assert "goes back to running" in log.getvalue()
+        await async_poll_for(
+            lambda: s.workers[a.address].status == Status.running, timeout=5
+        )
+        await asyncio.sleep(0.1)
+        assert s.workers[a.address].status == Status.running
+        assert a.status == Status.running
+        b.block_gather_dep.set()
+    assert await c.gather(x) == {"x": 1}
+
+
 @gen_cluster(
     client=True, nthreads=[("", 1)], config={**TIMEOUT, "amm.retire.on-timeout": "close"}
 )
