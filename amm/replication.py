@@ -287,8 +287,7 @@ class Replication:
         On error nothing changes, not even the list of policies. Returns n parsed.
         """
         current = self.current()
-        known = current.tracked_keys() if current is not None else frozenset()
-        n, keys, _ = validate(self.scheduler.tasks, keys, n, known)
+        n, keys, _ = validate(self.scheduler.tasks, keys, n)
         if n == 1 and current is None:
             return n  # nothing tracked: nothing to undo
         (current or self.policy()).set(keys, n, addresses)
@@ -340,7 +339,8 @@ class ReplicationClient:
     ``futures`` is a future, a persisted dask collection, a key (a str or a tuple),
     or a list or set of those. Keys need not be in memory yet: they are replicated
     once they are. A key the scheduler doesn't know, or ``n`` other than an integer
-    >= 1 or ``"all"``, raises ValueError and changes nothing.
+    >= 1 or ``"all"``, raises ValueError and changes nothing; :meth:`unreplicate`
+    accepts unknown keys (released ones, say): there is nothing to undo.
 
     Non-blocking: :meth:`replicate` returns once the scheduler knows the target; a
     cycle starts right away and the following ones (every ``amm.interval``) make
@@ -372,7 +372,9 @@ class ReplicationClient:
         )
 
     def unreplicate(self, futures: Any) -> Any:
-        """Stop keeping replicas of these keys: they go back to n=1"""
+        """Stop keeping replicas of these keys: they go back to n=1. Keys the
+        scheduler no longer knows are fine: there is nothing left to undo.
+        """
         return self._client.sync(
             self._client.scheduler.amm_replicate, keys=keys_of(futures), n=1
         )

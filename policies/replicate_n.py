@@ -127,12 +127,15 @@ def validate(
     tasks: Mapping[Key, TaskState],
     keys: Iterable[Key],
     n: Any,
-    tracked: Set[Key] = frozenset(),
 ) -> tuple[Replicas, list[Key], list[TaskState]]:
     """Check a replication request against the scheduler's ``tasks``, raising a
     ValueError that names the first bad key or value. Returns ``n`` parsed, the
-    keys without duplicates, and the tasks found. Setting n=1 on a key that is gone
-    is fine if it is among ``tracked`` (there is nothing left to undo).
+    keys without duplicates, and the tasks found.
+
+    Setting n=1 (unreplicating) on a key the scheduler doesn't know is fine: there
+    is nothing left to undo. Whether such a key is still tracked depends on whether
+    a cycle already saw it gone, which the caller can't know; and a configured key
+    is stopped by name before its task exists.
     """
     n = parse_n("n", n, ValueError)
     keys = list(dict.fromkeys(keys))
@@ -140,7 +143,7 @@ def validate(
     for key in keys:
         ts = tasks.get(key)
         if ts is None:
-            if n == 1 and key in tracked:
+            if n == 1:
                 continue
             raise ValueError(f"Cannot replicate key {key!r}: unknown to the scheduler")
         if n != 1 and ts.state in GONE:
@@ -176,7 +179,9 @@ class ReplicateN(ActiveMemoryManagerPolicy):
 
     **Counting.** Only replicas on running workers count: a copy on a paused or
     retiring worker is about to become unavailable, so a replacement is made on a
-    running worker right away. A key tracked with ``workers=`` (as
+    running worker right away. Likewise, a requested replica stops counting as in
+    flight once its recipient pauses or retires, since such a worker does not
+    fetch. A key tracked with ``workers=`` (as
     ``Client.replicate(..., workers=)``) counts and receives replicas on those
     workers only; ``"all"`` then means all of them that are running.
 
@@ -283,13 +288,14 @@ class ReplicateN(ActiveMemoryManagerPolicy):
     ) -> list[Key]:
         """Keep ``n`` replicas of each of ``keys`` (n=1: stop tracking them).
 
-        Keys must be known to the scheduler; they need not be in memory yet (they
-        are replicated once they land). Everything is validated before anything
-        changes: on error nothing is tracked and a ValueError names the culprit.
+        Keys must be known to the scheduler, except for n=1; they need not be in
+        memory yet (they are replicated once they land). Everything is validated
+        before anything changes: on error nothing is tracked and a ValueError
+        names the culprit.
         Returns the keys, in order and without duplicates.
         """
         tasks = self.manager.scheduler.tasks
-        n, keys, found = validate(tasks, keys, n, self.tracked_keys())
+        n, keys, found = validate(tasks, keys, n)
 
         if n == 1:
             for key in keys:
@@ -373,7 +379,9 @@ class ReplicateN(ActiveMemoryManagerPolicy):
         return have >= min(goal, len(pool))
 
     def in_flight(self, key: Key) -> int:
-        """Replicas of ``key`` requested and not yet arrived"""
+        """Replicas of ``key`` requested and not yet arrived, from running workers
+        only (see :meth:`_settle_inflight`)
+        """
         target = self._tracked.get(key)
         if target is None or not target.inflight:
             return 0
@@ -382,7 +390,7 @@ class ReplicateN(ActiveMemoryManagerPolicy):
         return sum(
             1
             for ws, deadline in target.inflight.items()
-            if deadline > now and ws.status != Status.closed and ws not in who_has
+            if deadline > now and ws.status == Status.running and ws not in who_has
         )
 
     # -- the desired-replicas hook -----------------------------------------------
@@ -393,23 +401,47 @@ class ReplicateN(ActiveMemoryManagerPolicy):
         For a key restricted to ``workers``, running replicas outside them are
         added to the count, so that the manager cannot meet it by dropping a replica
         inside them. Replicas on paused or retiring workers are not: the manager
-        drops those first, which frees the workers that most need it.
+        drops those first, which frees the workers that most need it; except those
+        it can't drop, see :meth:`_pinned`.
         """
+        running = self.manager.scheduler.running
         target = self._tracked.get(ts.key)
+        goal: int
         if target is None or target.ts is not ts:
             n = self.configured.get(ts.key)
             # a configured key that landed since the last run of this policy
             if n is None or ts.state != "memory":
                 return 1
-            return len(self.manager.scheduler.running) if n == ALL else n
-        if target.workers is None:
-            if target.n == ALL:
-                return len(self.manager.scheduler.running)
-            return target.n  # type: ignore[return-value]
-        pool, _, goal = self._count(target)
-        running = self.manager.scheduler.running
-        outside = sum(1 for ws in ts.who_has or () if ws in running and ws not in pool)
-        return goal + outside
+            goal = len(running) if n == ALL else n  # type: ignore[assignment]
+        elif target.workers is None:
+            n = target.n
+            goal = len(running) if n == ALL else n  # type: ignore[assignment]
+        else:
+            pool, _, goal = self._count(target)
+            goal += sum(
+                1 for ws in ts.who_has or () if ws in running and ws not in pool
+            )
+        return goal + self._pinned(ts)
+
+    def _pinned(self, ts: TaskState) -> int:
+        """Replicas of ``ts`` on paused or retiring workers where a dependent of
+        ``ts`` is processing. They don't count towards the target (see
+        :meth:`_count`), and the manager can't drop them while the dependent needs
+        them: left out of :meth:`desired_replicas`, the manager would drop a running
+        replica instead, which the next cycle makes again, and so on for as long
+        as the dependent runs.
+        """
+        if not ts.waiters:
+            return 0
+        scheduler = self.manager.scheduler
+        running = scheduler.running
+        if len(running) == len(scheduler.workers):
+            return 0  # every worker is running
+        who_has = ts.who_has or _EMPTY
+        busy = {dts.processing_on for dts in ts.waiters}
+        return sum(
+            1 for ws in busy if ws is not None and ws in who_has and ws not in running
+        )
 
     # -- the cycle ---------------------------------------------------------------
 
@@ -469,15 +501,21 @@ class ReplicateN(ActiveMemoryManagerPolicy):
             nbytes = ts.get_nbytes()
             placed = 0
             for _ in range(missing):
-                if ts.state != "memory":
-                    break  # released while this policy was suspended
+                if ts.state != "memory" or key not in self._tracked:
+                    break  # released or untracked while this policy was suspended
                 ws = yield ("replicate", ts, candidates)  # a plain tuple: see amm.policy
                 if ws is None:
                     break  # no running worker without the key is left to receive it
                 nrepl += 1
                 placed += 1
-                target.inflight[ws] = now + self.retry_after
-                self._with_inflight.add(key)
+                # re-read after the suspension at the yield: a key untracked
+                # meanwhile has nothing to wait for (recording it would leave it in
+                # _with_inflight for good); a key set anew for the same task has a
+                # new target that shares this one's in-flight transfers
+                current = self._tracked.get(key)
+                if current is not None and current.ts is ts:
+                    current.inflight[ws] = now + self.retry_after
+                    self._with_inflight.add(key)
                 if candidates is not None and candidates is not open_:
                     # this key's own set: the worker has its copy coming. The
                     # manager would skip it anyway, but at a cost at every search.
@@ -574,7 +612,12 @@ class ReplicateN(ActiveMemoryManagerPolicy):
             for ws, deadline in list(target.inflight.items()):
                 if ws in who_has:
                     del target.inflight[ws]
-                elif ws.status == Status.closed or deadline <= now:
+                elif ws.status != Status.running or deadline <= now:
+                    # Gone, or paused or retiring: such a worker does not fetch, so
+                    # waiting until retry_after would hold back a replacement on a
+                    # running worker. If it resumes and completes the transfer after
+                    # all, the key has a replica above its target, for ReduceReplicas
+                    # to drop (it stays if no policy drops replicas).
                     del target.inflight[ws]
                     due[key] = None
                 else:

@@ -13,7 +13,8 @@ import pytest
 
 import dask.config
 from distributed import Event, Worker
-from distributed.utils_test import async_poll_for, gen_cluster, inc
+from distributed.core import Status
+from distributed.utils_test import BlockedGatherDep, async_poll_for, gen_cluster, inc
 
 from amm import (
     ActiveMemoryManager,
@@ -24,7 +25,14 @@ from amm import (
 )
 from amm.policies.replicate_n import AUDIT_MIN_KEYS
 from amm.replication import Replication, ReplicationClient, install_replication, keys_of
-from amm.testing import Recorder, add_task, add_worker, apply_cycle, new_scheduler
+from amm.testing import (
+    Recorder,
+    add_task,
+    add_worker,
+    apply_cycle,
+    new_scheduler,
+    set_status,
+)
 from conftest import amm_config
 from helpers import demo
 
@@ -177,6 +185,82 @@ async def test_copy_on_a_retired_worker_is_recreated(c, s, *workers):
     assert await x == 2
 
 
+@gen_cluster(
+    client=True,
+    nthreads=[("", 1)] * 3,
+    Worker=BlockedGatherDep,
+    # a replacement can't come from a retry: only from the pause
+    config=config(**{"replicate.retry-after": "1h"}),
+)
+async def test_a_recipient_that_pauses_is_replaced(c, s, a, b, d):
+    """A paused (or retiring) worker does not fetch: a replica asked of it is asked
+    of a running worker at once, and client.replicate() does not wait for it
+    """
+    replication(s)
+    x = (await c.scatter({"x": 1}, workers=[a.address]))["x"]
+    waiting = asyncio.create_task(c.replicate([x], n=2))
+    # the recipient has the request, and pauses before fetching
+    await async_poll_for(
+        lambda: b.in_gather_dep.is_set() or d.in_gather_dep.is_set(), timeout=5
+    )
+    paused, other = (b, d) if b.in_gather_dep.is_set() else (d, b)
+    paused.status = Status.paused
+    await async_poll_for(lambda: s.workers[paused.address].status == Status.paused, 5)
+    # client.replicate() triggers the cycle that asks the other worker
+    await async_poll_for(lambda: other.in_gather_dep.is_set(), timeout=5)
+    other.block_gather_dep.set()
+    await waiting
+    assert holders(s, "x") == {a.address, other.address}
+    # the paused worker resumes and completes its fetch: ReduceReplicas drops the
+    # replica too many
+    paused.status = Status.running
+    paused.block_gather_dep.set()
+    await async_poll_for(lambda: len(holders(s, "x")) == 3, timeout=5)
+    await c.amm.run_once()
+    await async_poll_for(lambda: len(holders(s, "x")) == 2, timeout=5)
+
+
+@pytest.mark.parametrize("status", [Status.paused, Status.closing_gracefully])
+def test_a_recipient_that_pauses_or_retires_is_no_longer_in_flight(status):
+    s, recorder, m, policy, wss = synthetic(3, 1, 100)
+    policy.set(["k0"], 2)
+    m.run_once()
+    ((_, addr, _),) = recorder.pop()
+    set_status(s, s.workers[addr], status)
+    assert policy.in_flight("k0") == 0
+    m.run_once()
+    ((_, addr2, keys),) = recorder.pop()
+    assert keys == ["k0"]
+    assert addr2 not in {wss[0].address, addr}
+
+
+@gen_cluster(client=True, nthreads=[("", 1)] * 3, config=config())
+async def test_no_churn_while_a_dependent_runs_on_a_paused_holder(c, s, a, b, p):
+    """The manager can't drop the replica a dependent processing on a paused worker
+    needs. That replica doesn't count towards n, so it must not count towards what
+    no policy may drop below either: else ReduceReplicas would drop a running
+    replica, and ReplicateN make it again at the next cycle, over and over.
+    """
+    replication(s)
+    x = (await c.scatter({"x": 1}, workers=[a.address]))["x"]
+    ev = Event()
+    y = c.submit(lambda x, ev: ev.wait(), x, ev, key="y", workers=[p.address])
+    # y runs on p (so p holds x), and keeps running once p pauses
+    await async_poll_for(lambda: any(t.key == "y" for t in p.state.executing), 5)
+    p.status = Status.paused
+    await async_poll_for(lambda: s.workers[p.address].status == Status.paused, 5)
+    await c.replicate([x], n=2)
+    assert holders(s, "x") == {a.address, b.address, p.address}
+    for _ in range(4):
+        await c.amm.run_once()
+        assert holders(s, "x") == {a.address, b.address, p.address}
+    # once the dependent is done, the paused worker's replica is the one dropped
+    await ev.set()
+    await y
+    await c.amm.run_once()
+    await async_poll_for(lambda: holders(s, "x") == {a.address, b.address}, 5)
+
+
 # -- leaving the policy ------------------------------------------------------------
 
 
@@ -209,6 +293,29 @@ async def test_unreplicate(c, s, *workers):
     await rep.unreplicate(x)
     assert await rep.tracked() == []
     await async_poll_for(lambda: len(holders(s, "x")) == 1, timeout=5)
+
+
+@gen_cluster(client=True, config=config())
+async def test_unreplicate_a_released_key(c, s, a, b):
+    """Whether a cycle already forgot a released key or not, unreplicating it is
+    fine: there is nothing left to undo
+    """
+    replication(s)
+    rep = ReplicationClient(c)
+    x = c.submit(inc, 1, key="x")
+    await x
+    await rep.replicate(x, 2)
+    await async_poll_for(lambda: len(holders(s, "x")) == 2, timeout=5)
+    x.release()
+    await async_poll_for(lambda: "x" not in s.tasks, timeout=5)
+    await c.amm.run_once()
+    assert replication(s).current()._tracked == {}  # the cycle forgot it
+    await rep.unreplicate("x")
+    await c.scheduler.replicate(keys=["x"], n=1)
+    await rep.unreplicate("never-known")
+    # replicating it is still an error
+    with pytest.raises(ValueError, match=r"key 'x': unknown to the scheduler"):
+        await rep.replicate("x", 2)
 
 
 @gen_cluster(client=True, config=config(**RUNNING))
@@ -511,6 +618,33 @@ def test_all_candidates_are_the_missing_workers():
         ("replicate", {wss[5]}, wss[5]),
     ]
     assert per_recipient(recorder.pop()) == {wss[4].address: 1, wss[5].address: 1}
+
+
+def test_a_key_untracked_while_the_policy_is_suspended_is_not_left_in_flight():
+    """An unreplicate may arrive while a cycle is suspended at a suggestion of the
+    policy: the transfer the manager then accepts is not waited for
+    """
+    s, recorder, _, policy, _ = synthetic(3, 1, 100)
+
+    class UnreplicateMeanwhile(ActiveMemoryManagerPolicy):
+        def run(self):
+            gen = policy.run()
+            choice = None
+            while True:
+                try:
+                    suggestion = gen.send(choice)
+                except StopIteration:
+                    return
+                choice = yield suggestion
+                policy.set(["k0"], 1)
+
+    m = ActiveMemoryManager(s, [UnreplicateMeanwhile()], register=False, start=False)
+    policy.manager = m
+    policy.set(["k0"], 2)
+    m.run_once()
+    assert sum(per_recipient(recorder.pop()).values()) == 1
+    assert policy.tracked() == []
+    assert policy._with_inflight == set()
 
 
 # -- which keys a cycle visits (synthetic states) -------------------------------------
