@@ -33,7 +33,6 @@ from distributed.core import Status
 from distributed.scheduler import TaskState, WorkerState
 
 from amm.config import AMMConfigError, option, parse_duration
-from amm.cycle import unreachable_addresses
 from amm.logs import logger
 from amm.policy import ActiveMemoryManagerPolicy, SuggestionGenerator
 
@@ -258,13 +257,15 @@ class RetireWorker(ActiveMemoryManagerPolicy, _DistributedRetireWorker):
         has_what = ws.has_what
         if not all(len(ts.who_has or ()) > 1 for ts in has_what):
             return False
-        # Only once the cheap check passes: done() is polled
-        unreachable = unreachable_addresses(self.manager.scheduler)
+        # Only once the cheap check passes, and only the stream of the first holder
+        # that is not retiring: done() is polled, by every retiring worker, so a
+        # scan of all the streams (unreachable_addresses) each time would add up
+        streams = self.manager.scheduler.stream_comms
         return all(
             any(
                 h is not ws
                 and h.status != Status.closing_gracefully
-                and h.address not in unreachable
+                and not _closed(streams.get(h.address))
                 for h in ts.who_has or ()
             )
             for ts in has_what
@@ -281,3 +282,10 @@ class RetireWorker(ActiveMemoryManagerPolicy, _DistributedRetireWorker):
 
 
 _EMPTY: frozenset[Any] = frozenset()
+
+
+def _closed(stream: Any) -> bool:
+    """Whether a worker's stream from the scheduler has closed: the scheduler is
+    about to remove the worker (see :func:`amm.cycle.unreachable_addresses`)
+    """
+    return stream is not None and bool(stream.closed())
