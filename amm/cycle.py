@@ -138,6 +138,7 @@ class Cycle:
         """
         self.suspended = True
         self.order.freeze()
+        self.order.forget_views()
 
     def refresh(self) -> None:
         """Called when a suspended cycle resumes: workers may have paused or left"""
@@ -498,8 +499,6 @@ class Cycle:
             exclude = (pending_drop, busy) if busy else (pending_drop,)
         else:
             exclude = (busy,) if busy else ()
-        # holders is who_has, or made from it: it may have grown since the last
-        # slice, so it is searched as it is now, never through a sub-order
         choice = None
         if self.not_running:
             # paused and retiring holders drop first, so their memory is freed
@@ -508,11 +507,11 @@ class Cycle:
             small, large = sorted((holders, self.not_running), key=len)
             choice = self.order.scan_highest(small, large, exclude)
             if choice is None:
-                choice = self.order.highest_in(holders, (*exclude, self.not_running))
+                choice = self.order.highest(holders, self.running, exclude)
         else:
             # every worker of the snapshot is running; workers that joined since
             # are not in the order and are skipped by it
-            choice = self.order.highest_in(holders, exclude)
+            choice = self.order.highest(holders, None, exclude)
         if choice is None:
             if self.log_tasks:
                 reason = (

@@ -165,6 +165,13 @@ class WorkerMemoryOrder:
             self._workers = dict(self._workers)
             self._frozen = True
 
+    def forget_views(self) -> None:
+        """Drop the sub-orders of candidate sets. A sub-order holds as long as its
+        set only shrinks, which is so within one time slice; between two, the
+        event loop runs and sets may grow (a key's who_has, as replicas arrive).
+        """
+        self._views.clear()
+
     @property
     def workers(self) -> Mapping[str, WorkerState]:
         """The workers of this order, by address"""
@@ -264,21 +271,6 @@ class WorkerMemoryOrder:
             return self._scan(candidates, require, exclude, True)  # the common case
         return self._search(candidates, require, exclude, True)
 
-    def highest_in(
-        self,
-        members: Set[WorkerState],
-        exclude: tuple[Set[WorkerState], ...] = (),
-    ) -> WorkerState | None:
-        """The most loaded eligible worker of ``members``, a set that may change
-        during the cycle in any way (a key's who_has grows as replicas arrive):
-        scanned when small, otherwise found by walking the whole order with
-        ``members`` as a requirement, so that no sub-order is kept of it (a
-        sub-order assumes its set only shrinks)
-        """
-        if len(members) <= self._scan_limit:
-            return self._scan(members, None, exclude, True)
-        return self._walk(self._whole(), None, members, exclude, True)
-
     def scan_highest(
         self,
         candidates: Set[WorkerState],
@@ -321,8 +313,9 @@ class WorkerMemoryOrder:
         Stepping over many workers that are not candidates means the candidates
         are bunched at the far end: the set gets a sub-order of its own. In a
         sub-order, a worker that is no longer a candidate left the set for good (a
-        set may only shrink during a cycle: the manager validates it once), so it
-        is deleted and never stepped over again.
+        set may only shrink during a time slice; the sub-orders are dropped at the
+        end of each, see :meth:`forget_views`), so it is deleted and never stepped
+        over again.
         """
         skipped: list[Entry] | None = None  # most walks skip nothing
         choice = None
