@@ -64,11 +64,13 @@ class Retirements:
         self.scheduler = scheduler
         self.manager = manager
         self.original = scheduler.retire_workers
-        #: Workers being retired, by address: the status each had before the first
-        #: retirement in progress began, and how many are in progress. Two may
-        #: overlap (a retry, adaptive scale-down and a user): only the last to end
-        #: may put the worker back, and in that first status, not in the
-        #: ``closing_gracefully`` the second one found.
+        #: Workers being retired, by address: the status to put each back in if
+        #: its retirements give up, and how many are in progress. Two may overlap
+        #: (a retry, adaptive scale-down and a user): only the last to end may put
+        #: the worker back, and in the status it had before the first began, not
+        #: in the ``closing_gracefully`` the second found; unless one of them
+        #: retired it without removing it (``remove=False``), which leaves it
+        #: drained, ``closing_gracefully``, on purpose.
         self._in_progress: dict[str, tuple[Status, int]] = {}
 
     def __repr__(self) -> str:
@@ -248,9 +250,7 @@ class Retirements:
         before, count = self._in_progress.get(ws.address, (prev_status, 0))
         self._in_progress[ws.address] = (before, count + 1)
         try:
-            return await self._wait_and_finish(
-                ws, policy, before, close, remove, stimulus_id
-            )
+            return await self._wait_and_finish(ws, policy, close, remove, stimulus_id)
         finally:
             before, count = self._in_progress.pop(ws.address)
             if count > 1:
@@ -263,7 +263,6 @@ class Retirements:
         self,
         ws: WorkerState,
         policy: RetireWorker,
-        prev_status: Status,
         close: bool,
         remove: bool,
         stimulus_id: str,
@@ -291,11 +290,8 @@ class Retirements:
         if policy.no_recipients or (timed_out and policy.on_timeout == "abort"):
             if self._last_in_progress(ws):
                 # Put the worker back as it was. No race to guard against here: wait
-                # for the scheduler -> worker -> scheduler round trip. (Found
-                # closing_gracefully, by a retirement that began as another one
-                # ended: no retirement would ever close it, so it runs again.)
-                if prev_status == Status.closing_gracefully:
-                    prev_status = Status.running
+                # for the scheduler -> worker -> scheduler round trip.
+                prev_status = self._in_progress[ws.address][0]
                 _send_status(s, ws, stimulus_id, prev_status)
                 then = f"goes back to {prev_status.name}"
             else:
@@ -343,8 +339,13 @@ class Retirements:
             )
             # Nothing left to do for it; don't wait for its next run to notice
             policy.manager.policies.discard(policy)
-        elif close:
-            s.close_worker(ws.address)
+        else:
+            # Drained, and left closing_gracefully on purpose: an overlapping
+            # retirement that gives up leaves it so
+            _, count = self._in_progress[ws.address]
+            self._in_progress[ws.address] = (Status.closing_gracefully, count)
+            if close:
+                s.close_worker(ws.address)
         logger.info(f"Retired worker {ws.address!r} ({stimulus_id=!r})")
         return ws.address, "OK", info, timed_out
 

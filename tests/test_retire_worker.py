@@ -510,6 +510,33 @@ async def test_overlapping_retirements_that_time_out_leave_the_worker_running(c,
     assert await c.gather(x) == {"x": 1}
 
 
+def wait_for(ev):
+    ev.wait()
+    return 1
+
+
+@gen_cluster(client=True, config=RUNNING)
+async def test_a_drained_worker_stays_drained_after_a_retirement_gives_up(c, s, a, b):
+    """retire_workers(remove=False) leaves a worker closing_gracefully on purpose
+    (drained, to be closed some other way). A later retirement of it that gives up
+    puts it back in that status, not running: it must get no new tasks.
+    """
+    wire(s)
+    ev = Event()
+    fut = c.submit(wait_for, ev, workers=[a.address], key="f")
+    await wait_for_state("f", "executing", a)
+    out = await s.retire_workers(workers=[a.address], close_workers=False, remove=False)
+    assert list(out) == [a.address]
+    assert s.workers[a.address].status == Status.closing_gracefully
+    await ev.set()
+    await wait(fut)  # in memory on a only
+    await pause(s, b)
+    assert await s.retire_workers(workers=[a.address], remove=False) == {}  # nowhere
+    await asyncio.sleep(0.2)  # past the scheduler -> worker -> scheduler round trip
+    assert s.workers[a.address].status == Status.closing_gracefully
+    assert a.status == Status.closing_gracefully
+
+
 @gen_cluster(
     client=True, nthreads=[("", 1)], config={**TIMEOUT, "amm.retire.on-timeout": "close"}
 )
