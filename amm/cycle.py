@@ -183,12 +183,28 @@ class Cycle:
     def end_current(self) -> None:
         """Stop driving the policy the cycle is suspended in. What it decided was
         sent when the cycle suspended; it decides nothing more.
+
+        It is first told the worker chosen for its last suggestion, if one was:
+        that suggestion was sent, and a policy that keeps track of what it asked
+        for (ReplicateN's transfers in flight, RetireWorker's recipients) would
+        otherwise ask for it again at the next cycle. What it yields then is
+        discarded.
         """
         run = self._current
-        if run is not None:
-            self._current = None
-            self.stats.count_policy(run.policy, run.accepted)
-            _close(run.suggestions)
+        if run is None:
+            return
+        self._current = None
+        self.stats.count_policy(run.policy, run.accepted)
+        suggestions = run.suggestions
+        send = getattr(suggestions, "send", None)
+        if run.choice is not None and send is not None:
+            try:
+                send(run.choice)
+            except StopIteration:
+                pass
+            except Exception:
+                logger.exception("Policy %r raised as it was stopped", run.policy)
+        _close(suggestions)
 
     def _past(self, deadline: float) -> bool:
         """Whether deciding more would end the slice after ``deadline``, counting

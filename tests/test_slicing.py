@@ -262,3 +262,33 @@ async def test_a_policy_removed_while_suspended_in_it_decides_nothing_more(c, s,
         await asyncio.sleep(0)
     assert nreduced(s, keys) == sent
     assert m.stats.total.by_policy == {"ReduceReplicas()": sent}
+
+
+def test_stop_tells_the_policy_its_last_choice():
+    """The last suggestion before the cycle suspended was sent, but the policy has
+    not heard which worker was chosen. stop() tells it before ending it: else
+    ReplicateN would not wait for that copy, and ask for it again next cycle.
+    """
+    from amm import ReplicateN
+
+    s = new_scheduler()
+    recorder = Recorder(s)
+    wss = [add_worker(s, f"tcp://w{i}:1") for i in range(8)]
+    keys = [f"k{i:03d}" for i in range(200)]
+    for i, key in enumerate(keys):
+        add_task(s, key, 100, [wss[i % 8]])
+    policy = ReplicateN(max_per_worker={"keys": None, "bytes": None})
+    m = ActiveMemoryManager(s, [policy], register=False, start=False)
+    policy.set(keys, 2)
+
+    async def run():
+        m.time_slice = 0
+        m.run_once()
+        assert m.cycle_in_progress
+        m.stop()
+        m.time_slice = 10.0
+        m.run_once()  # no copy has arrived yet
+
+    asyncio.run(run())
+    requested = [key for _, _, batch in recorder.pop() for key in batch]
+    assert sorted(requested) == keys  # one copy each, none asked for twice
