@@ -96,20 +96,26 @@ class ActiveMemoryManager:
             self.interval = config.parse_duration("interval", interval)
 
         if register:
-            scheduler.handlers.update(
-                {
-                    "amm_handler": self.amm_handler,
-                    "amm_statistics": self.statistics,
-                    "amm_policies": self.describe_policies,
-                    "amm_add_policy": self.add_policy_from_spec,
-                    "amm_remove_policy": self.remove_policies,
-                }
-            )
+            self.register_handlers()
 
         if start is None:
             start = config.parse_bool(*config.setting("start"))
         if start:
             self.start()
+
+    def register_handlers(self) -> None:
+        """Serve ``client.amm.*`` (distributed's ``amm_handler``) and this project's
+        client API from this manager
+        """
+        self.scheduler.handlers.update(
+            {
+                "amm_handler": self.amm_handler,
+                "amm_statistics": self.statistics,
+                "amm_policies": self.describe_policies,
+                "amm_add_policy": self.add_policy_from_spec,
+                "amm_remove_policy": self.remove_policies,
+            }
+        )
 
     def __repr__(self) -> str:
         return (

@@ -42,6 +42,9 @@ class ActiveMemoryManagerPlugin(SchedulerPlugin):
             raise TypeError(
                 f"ActiveMemoryManagerPlugin got unexpected arguments {sorted(unknown)}"
             )
+        # Checked here too, so that a bad value fails on the client, before the
+        # plugin is sent
+        _parse_overrides(overrides)
         self.overrides = overrides
         self.manager: ActiveMemoryManager | None = None
         self.eager: EagerReduction | None = None
@@ -83,10 +86,13 @@ def install(scheduler: Scheduler, **overrides: Any) -> ActiveMemoryManager:
     if isinstance(current, ActiveMemoryManager):
         return current
 
+    overrides = _parse_overrides(overrides)
     start = overrides.pop("start", None)
     if start is None:
         start = config.parse_bool(*config.setting("start"))
-    manager = ActiveMemoryManager(scheduler, start=False, **overrides)
+    # Not serving client.amm.* until installed: a failure below must leave the
+    # handlers on the manager that stays
+    manager = ActiveMemoryManager(scheduler, start=False, register=False, **overrides)
     # retire_workers() and adaptive scale-down run this project's RetireWorker;
     # Client.replicate() and scatter(broadcast=True) keep their copies (ReplicateN).
     # Both validate their config before changing anything.
@@ -111,6 +117,7 @@ def install(scheduler: Scheduler, **overrides: Any) -> ActiveMemoryManager:
             "running" if was_running else "stopped",
         )
     scheduler.extensions["amm"] = manager
+    manager.register_handlers()
 
     if start:
         manager.start()
@@ -122,3 +129,15 @@ def install(scheduler: Scheduler, **overrides: Any) -> ActiveMemoryManager:
         "started" if start else "not started",
     )
     return manager
+
+
+def _parse_overrides(overrides: dict[str, Any]) -> dict[str, Any]:
+    """The plugin's keyword arguments, validated and parsed (None: from config)"""
+    parsed = dict(overrides)
+    if parsed.get("start") is not None:
+        parsed["start"] = config.parse_bool("start", parsed["start"])
+    if parsed.get("interval") is not None:
+        parsed["interval"] = config.parse_duration("interval", parsed["interval"])
+    if parsed.get("measure") is not None:
+        parsed["measure"] = config.parse_measure("measure", parsed["measure"])
+    return parsed

@@ -97,6 +97,10 @@ async def test_register_plugin_start_false(c, s, a, b):
         ("amm.measure", "nonsense"),
         # validated by the plugin itself, before install() builds the manager
         ("amm.reduce-replicas.eager-delay", "-1s"),
+        # validated once the manager is built, by the retirement and replication
+        # installs: the new manager must not have taken over client.amm.* yet
+        ("amm.retire.timeout", "-1s"),
+        ("amm.replicate.retry-after", "nonsense"),
     ],
 )
 @gen_cluster(client=True)
@@ -108,6 +112,29 @@ async def test_invalid_config_leaves_builtin_running(c, s, a, b, key, value):
     assert s.extensions["amm"] is builtin
     assert builtin.running
     assert await c.amm.running()
+    await c.amm.stop()  # reaches the built-in manager
+    assert not builtin.running
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"start": "maybe"}, "start='maybe': must be true or false"),
+        ({"interval": "soon"}, "interval='soon': not a time interval"),
+        ({"measure": "bogus"}, "measure='bogus': measure must be one of"),
+    ],
+)
+def test_plugin_arguments_are_validated_on_the_client(kwargs, message):
+    with pytest.raises(AMMConfigError, match=re.escape(message)):
+        ActiveMemoryManagerPlugin(**kwargs)
+
+
+@gen_cluster(client=True)
+async def test_plugin_start_false_as_a_string(c, s, a, b):
+    """"false" (from a CLI or an environment variable) is false, not a truthy str"""
+    await c.register_plugin(ActiveMemoryManagerPlugin(start="false"))
+    assert isinstance(s.extensions["amm"], amm.ActiveMemoryManager)
+    assert not await c.amm.running()
 
 
 def test_plugin_rejects_unknown_arguments():
