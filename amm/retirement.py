@@ -42,7 +42,7 @@ from amm.policies.retire_worker import (
 )
 
 #: Outcome of the retirement of one worker
-Outcome = Literal["OK", "no-recipients", "timed-out"]
+Outcome = Literal["OK", "no-recipients", "timed-out", "cancelled"]
 
 #: Name of the paused-restart check in ``Scheduler.periodic_callbacks``
 PAUSED_RESTART_CALLBACK = "amm-paused-restart"
@@ -286,8 +286,20 @@ class Retirements:
         if timed_out:
             # Stop moving data first, so that nothing changes under what follows
             policy.manager.policies.discard(policy)
+        # done() because someone removed the policy (AMMClient.remove_policy), not
+        # because the data moved
+        cancelled = (
+            not timed_out
+            and not policy.concluded
+            and policy not in policy.manager.policies
+            and s.workers.get(ws.address) is ws
+        )
 
-        if policy.no_recipients or (timed_out and policy.on_timeout == "abort"):
+        if (
+            policy.no_recipients
+            or cancelled
+            or (timed_out and policy.on_timeout == "abort")
+        ):
             if self._last_in_progress(ws):
                 # Put the worker back as it was. No race to guard against here: wait
                 # for the scheduler -> worker -> scheduler round trip.
@@ -308,6 +320,16 @@ class Retirements:
                     stimulus_id,
                 )
                 return ws.address, "timed-out", ws.identity(), True
+            if cancelled:
+                logger.warning(
+                    "Retirement of worker %r cancelled: its RetireWorker policy was "
+                    "removed from the manager; it keeps its data and %s "
+                    "(stimulus_id=%r)",
+                    ws.address,
+                    then,
+                    stimulus_id,
+                )
+                return ws.address, "cancelled", ws.identity(), False
             logger.warning(
                 f"Could not retire worker {ws.address!r}: unique data could not be "
                 f"moved to any other worker ({stimulus_id=!r})"

@@ -109,6 +109,10 @@ class RetireWorker(ActiveMemoryManagerPolicy, _DistributedRetireWorker):
         #: Unique keys asked to be replicated, and their recipient
         self._requested: dict[TaskState, WorkerState] = {}
         self._announced = False
+        #: run() found nothing left to do and removed the policy. Removed by
+        #: anyone else (AMMClient.remove_policy, say), it has not: done() is then
+        #: True, as in distributed, but the retirement is cancelled, not complete.
+        self.concluded = False
 
     def run(self) -> SuggestionGenerator:
         manager = self.manager
@@ -116,7 +120,7 @@ class RetireWorker(ActiveMemoryManagerPolicy, _DistributedRetireWorker):
         ws = scheduler.workers.get(self.address)
         if ws is None:
             logger.debug("Removing policy %s: Worker no longer in cluster", self)
-            manager.policies.discard(self)
+            self._conclude()
             return
 
         if ws.actors:
@@ -127,7 +131,7 @@ class RetireWorker(ActiveMemoryManagerPolicy, _DistributedRetireWorker):
                 "The worker will not be retired."
             )
             self.no_recipients = True
-            manager.policies.discard(self)
+            self._conclude()
             return
 
         running = scheduler.running
@@ -204,7 +208,7 @@ class RetireWorker(ActiveMemoryManagerPolicy, _DistributedRetireWorker):
                 "be moved as there are no suitable workers to receive them. "
                 "The worker will not be retired."
             )
-            manager.policies.discard(self)
+            self._conclude()
         elif nrepl:
             if not self._announced:
                 logger.info(
@@ -232,7 +236,11 @@ class RetireWorker(ActiveMemoryManagerPolicy, _DistributedRetireWorker):
             logger.info(
                 f"Retiring worker {self.address}; no unique keys need to be moved away."
             )
-            manager.policies.discard(self)
+            self._conclude()
+
+    def _conclude(self) -> None:
+        self.concluded = True
+        self.manager.policies.discard(self)
 
     def done(self) -> bool:
         """True once it is safe to close the worker: distributed's rule (every key

@@ -23,7 +23,13 @@ from distributed.utils_test import (
 )
 from distributed.worker_state_machine import AcquireReplicasEvent
 
-from amm import ActiveMemoryManager, ActiveMemoryManagerPolicy, AMMConfigError, RetireWorker
+from amm import (
+    ActiveMemoryManager,
+    ActiveMemoryManagerPolicy,
+    AMMClient,
+    AMMConfigError,
+    RetireWorker,
+)
 from amm.policy import CHECKPOINT
 from amm.retirement import (
     PAUSED_RESTART_CALLBACK,
@@ -449,6 +455,34 @@ async def test_retire_in_a_cycle_begun_before_the_recipient_resumed(c, s, a, b):
     stalls.released = True
     assert list(await retiring) == [a.address]
     assert await c.gather(x) == {"x": 1}
+
+
+@gen_cluster(client=True, nthreads=[("", 1)], config=RUNNING)
+async def test_removing_the_policy_cancels_the_retirement(c, s, a):
+    """AMMClient.remove_policy("RetireWorker") while the data is on its way: the
+    policy is no longer among the manager's, so done() is True (as in
+    distributed), but that is a cancellation, not the end of the move. Taken for
+    one, a would be removed with the only copy of y.
+    """
+    wire(s)
+    async with BlockedGatherDep(s.address) as b:
+        y = c.submit(lambda: "y", workers=[a.address], key="y")
+        await y
+        retiring = asyncio.create_task(c.retire_workers([a.address]))
+        await b.in_gather_dep.wait()  # y is on its way to b
+        with captured_logger(AMM_LOGGER, logging.WARNING) as log:
+            assert await AMMClient(c).remove_policy("RetireWorker") == 1
+            assert await retiring == {}
+        assert "Retirement of worker" in log.getvalue()
+        assert "cancelled" in log.getvalue()
+        assert a.address in s.workers
+        await async_poll_for(
+            lambda: s.workers[a.address].status == Status.running, timeout=5
+        )
+        (event,) = retire_events(s)
+        assert event["could-not-retire"] == [a.address]
+        b.block_gather_dep.set()
+        assert await y == "y"
 
 
 TIMEOUT = {**RUNNING, "amm.retire.timeout": "500ms"}
