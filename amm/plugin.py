@@ -107,10 +107,17 @@ def install(scheduler: Scheduler, **overrides: Any) -> ActiveMemoryManager:
         was_running = current.running
         current.stop()
         # Retirements in progress hold RetireWorker policies of the old manager and
-        # wait on them; carry them over or they would wait forever.
-        for policy in list(current.policies):
-            if isinstance(policy, _DistributedRetireWorker):
-                current.policies.discard(policy)
+        # wait on them, with no time limit: carry them over or they would wait
+        # forever; and run them even if this manager is not started
+        carried = [
+            p for p in current.policies if isinstance(p, _DistributedRetireWorker)
+        ]
+        for policy in carried:
+            current.policies.discard(policy)
+        if carried and not start:
+            _CarriedRetirements(scheduler, carried, manager.interval).start()
+        else:
+            for policy in carried:
                 manager.add_policy(policy)
         logger.info(
             "Replaced the built-in Active Memory Manager (was %s)",
@@ -129,6 +136,23 @@ def install(scheduler: Scheduler, **overrides: Any) -> ActiveMemoryManager:
         "started" if start else "not started",
     )
     return manager
+
+
+class _CarriedRetirements(ActiveMemoryManager):
+    """Runs the retirements carried over from the replaced manager when the new one
+    is not started, and stops once they are all done
+    """
+
+    def __init__(self, scheduler: Scheduler, policies: list[Any], interval: float):
+        super().__init__(
+            scheduler, policies, register=False, start=False, interval=interval
+        )
+
+    def run_once(self) -> None:
+        if self.policies:
+            super().run_once()
+        else:
+            self.stop()
 
 
 def _parse_overrides(overrides: dict[str, Any]) -> dict[str, Any]:

@@ -8,9 +8,15 @@ import re
 import pytest
 
 import dask
-from distributed import Client, LocalCluster, Scheduler
+from distributed import Client, Event, LocalCluster, Scheduler
 from distributed.active_memory_manager import ActiveMemoryManagerExtension
-from distributed.utils_test import gen_cluster, gen_test
+from distributed.utils_test import (
+    BlockedGatherDep,
+    async_poll_for,
+    gen_cluster,
+    gen_test,
+    wait_for_state,
+)
 
 import amm
 from amm import ActiveMemoryManager, ActiveMemoryManagerPlugin, AMMConfigError
@@ -159,6 +165,41 @@ async def test_retirement_in_progress_is_carried_over(c, s, a, b):
     assert policy not in builtin.policies
     # the built-in's own configured policies stay behind
     assert not any(isinstance(p, ReduceReplicas) for p in new.policies)
+
+
+@gen_cluster(
+    client=True,
+    nthreads=[("", 1)],
+    config={
+        "distributed.scheduler.active-memory-manager.interval": "100ms",
+        "amm.interval": "100ms",
+    },
+)
+async def test_retirement_in_progress_finishes_under_a_manager_not_started(c, s, a):
+    """Installed with start=False, the new manager runs no cycle: the retirement
+    carried over runs on a manager of its own, which stops once it is done
+    (distributed's retire_workers waits with no time limit: it would hang)
+    """
+    async with BlockedGatherDep(s.address) as b:
+        y = c.submit(lambda: "y", workers=[a.address], key="y")
+        await y
+        ev = Event()
+        x = c.submit(lambda ev: ev.wait() and "x", ev, workers=[a.address], key="x")
+        await wait_for_state("x", "executing", a)
+        retiring = asyncio.create_task(c.retire_workers([a.address]))
+        await b.in_gather_dep.wait()  # on the built-in manager, y on its way to b
+        await c.register_plugin(ActiveMemoryManagerPlugin(start=False))
+        assert not await c.amm.running()
+        # x lands on a: unique data only a later cycle can move
+        await ev.set()
+        await wait_for_state("x", "memory", s)
+        b.block_gather_dep.set()
+        assert list(await asyncio.wait_for(retiring, 10)) == [a.address]
+        assert await c.gather([x, y]) == ["x", "y"]
+    await async_poll_for(
+        lambda: not [k for k in s.periodic_callbacks if k.startswith("amm-")], 5
+    )
+    assert not await c.amm.running()
 
 
 def test_dask_scheduler_cli_preload(tmp_path):
