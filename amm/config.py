@@ -3,9 +3,13 @@ the manager is resolved and validated.
 
 A setting is read from the ``amm`` section. Deployments written for distributed's
 built-in manager configure ``distributed.scheduler.active-memory-manager`` instead;
-so that they keep working unchanged, a value the user set there is honoured unless
-the ``amm`` section overrides it. "Set" means different from the shipped default:
-both sections ship the same defaults, so with no user config the two agree anyway.
+so that they keep working unchanged, the four settings the two sections share
+(``start``, ``interval``, ``measure``, ``policies``) ship null in ``amm``: a value
+set in ``amm`` wins, else a value the user set in distributed's section (one that
+differs from distributed's default), else :data:`MIRRORED_DEFAULTS`. (Shipping the
+defaults themselves would make ``amm.start: true`` written by a user
+indistinguishable from no setting at all, and lose to distributed's
+``start: false``.)
 
 Every invalid value raises :class:`AMMConfigError` (a ``ValueError``) naming the
 config key and the offending value, so a bad deployment fails when the manager is
@@ -37,6 +41,16 @@ _DISTRIBUTED_DEFAULTS: dict[str, Any] = _distributed_config_defaults["distribute
     "scheduler"
 ]["active-memory-manager"]
 
+#: The defaults of the settings shared with distributed's section, which amm.yaml
+#: ships null (see the module docstring); the same as distributed's, with this
+#: project's ReduceReplicas
+MIRRORED_DEFAULTS: dict[str, Any] = {
+    "start": True,
+    "interval": "2s",
+    "measure": "optimistic",
+    "policies": [{"class": "amm.ReduceReplicas"}],
+}
+
 #: Names accepted by the ``measure`` setting
 MEASURES: frozenset[str] = frozenset(
     name for name in dir(MemoryState) if not name.startswith("_") and name != "sum"
@@ -62,17 +76,18 @@ def setting(name: str) -> tuple[str, Any]:
     messages name the place where the user actually wrote the value.
     """
     ours_key = f"{SECTION}.{name}"
-    default = DEFAULTS[SECTION][name]
     # The section can be missing from a config built before amm was imported, as
     # distributed's test harness does with its copy of the config
-    ours = dask.config.get(ours_key, default=default)
-    if ours != default:
+    ours = dask.config.get(ours_key, default=None)
+    if ours is not None:
         return ours_key, ours
+    if name not in MIRRORED_DEFAULTS:
+        return ours_key, DEFAULTS[SECTION][name]
     theirs_key = f"{DISTRIBUTED_SECTION}.{name}"
     theirs = dask.config.get(theirs_key, default=None)
     if theirs is not None and theirs != _DISTRIBUTED_DEFAULTS.get(name):
         return theirs_key, theirs
-    return ours_key, ours
+    return ours_key, MIRRORED_DEFAULTS[name]
 
 
 def distributed_section_customized() -> bool:

@@ -29,8 +29,10 @@ def manager(scheduler, **kwargs) -> ActiveMemoryManager:
 
 
 def test_defaults(scheduler):
-    assert dask.config.get("amm.start") is True
-    assert dask.config.get("amm.interval") == "2s"
+    # shipped null: "not set", see amm.config
+    assert dask.config.get("amm.start") is None
+    assert dask.config.get("amm.interval") is None
+    assert amm_config_module.setting("start") == ("amm.start", True)
     m = manager(scheduler)
     assert m.interval == 2.0
     assert m.measure == "optimistic"
@@ -81,6 +83,22 @@ def test_amm_section_wins_over_distributed(scheduler):
         }
     ):
         assert manager(scheduler).interval == 0.1
+
+
+def test_amm_section_wins_even_with_its_default_value(scheduler):
+    """Built-in AMM turned off in distributed's section, this one turned on in its
+    own: the value written in the amm section wins, although it is the default
+    """
+    with dask.config.set(
+        {
+            "amm.start": True,
+            "amm.interval": "2s",
+            "distributed.scheduler.active-memory-manager.start": False,
+            "distributed.scheduler.active-memory-manager.interval": "300ms",
+        }
+    ):
+        assert amm_config_module.setting("start") == ("amm.start", True)
+        assert manager(scheduler).interval == 2.0
 
 
 def test_distributed_default_policies_map_to_ours(scheduler):
