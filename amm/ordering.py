@@ -33,6 +33,8 @@ changes the result, only its cost:
   are the ones that received), or the workers still lacking a key being
   replicated to all. Workers that left the set are deleted from the sub-order as
   the walk meets them, so each is stepped over once rather than at every search.
+  Sub-orders last one time slice: between two, the event loop runs and a set may
+  grow (a key's who_has).
 """
 
 from __future__ import annotations
