@@ -46,8 +46,9 @@ class ActiveMemoryManager:
     once the copy exists.
 
     The constructor mirrors distributed's so the manager can be created ad hoc:
-    ``policies=None``, ``measure=None``, ``start=None`` and ``interval=None`` read
-    the ``amm`` config section (see :mod:`amm.config`); ``register=False`` leaves
+    ``policies=None``, ``measure=None``, ``start=None`` and ``interval=None`` come
+    from the config (the ``amm`` section, then distributed's AMM section, then the
+    defaults: see :mod:`amm.config`); ``register=False`` leaves
     the scheduler's RPC handlers alone, for a throwaway manager.
     """
 

@@ -19,8 +19,9 @@ With ``amm.paused-restart.enabled: true``, a worker paused for longer than
    (``Scheduler.restart_workers``); a fresh process starts with only the memory it
    needs, and joins the cluster again.
 
-If the data can't be moved (no worker has room, or the timeout), the worker goes
-back to being paused, keeps its data, and is tried again after another ``after``.
+If the data can't be moved (no other worker is running, the worker holds an actor,
+or the timeout), the worker goes back to being paused, keeps its data, and is tried
+again after another ``after``.
 A worker without a nanny can't be restarted: it is only logged, once per pause.
 
 This is a periodic check rather than a policy: a policy runs synchronously inside a

@@ -29,8 +29,9 @@ class ActiveMemoryManagerPlugin(SchedulerPlugin):
     """Scheduler plugin that installs :class:`~amm.ActiveMemoryManager` as
     ``scheduler.extensions["amm"]`` and stops the built-in manager.
 
-    Keyword arguments (``start``, ``interval``, ``measure``) override the ``amm``
-    config section on the scheduler; anything left out is read from there.
+    Keyword arguments (``start``, ``interval``, ``measure``) override the config on
+    the scheduler; anything left out is resolved as :func:`amm.config.setting` does
+    (the ``amm`` section, then distributed's AMM section, then the defaults).
     """
 
     name = "amm"

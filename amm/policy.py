@@ -69,8 +69,10 @@ class ActiveMemoryManagerPolicy(_DistributedPolicy):
     so ``ts.who_has`` already shows it gone. A replication stays until the cycle
     ends, as the copy only shows in ``who_has`` once it is made.
 
-    Subclassing distributed's base means these policies also run on distributed's
-    own manager, and that the manager here runs any policy written for distributed.
+    Subclassing distributed's base means that the manager here runs any policy
+    written for distributed, and that a policy that only yields suggestions also runs
+    on distributed's own manager (not :data:`CHECKPOINT`, nor the
+    :meth:`desired_replicas` hook, which distributed's manager does not know).
     """
 
     manager: ActiveMemoryManager
