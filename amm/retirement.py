@@ -13,7 +13,8 @@ same as distributed's; only the policy and the time limit differ.
 
 What the time limit does is configured in the ``amm.retire`` section:
 
-- ``timeout`` (60s): how long a worker's unique data may take to move away;
+- ``timeout`` (60s): how long a retirement may go without progress (without a
+  key held only by the worker getting a copy elsewhere, or going away);
 - ``on-timeout`` (``abort``): ``abort`` puts the worker back in the status it had
   and leaves its data where it is (it is not in the returned dict, like a worker
   whose data had no recipient); ``close`` retires it anyway, as if its data had
@@ -268,16 +269,26 @@ class Retirements:
         stimulus_id: str,
     ) -> tuple[str, Outcome, dict[str, Any], bool]:
         s = self.scheduler
+        # The timeout runs from the last progress, not from the start: a large
+        # worker whose data keeps moving may take longer than it, while one that
+        # stalls (a recipient that never completes a transfer) gives up after it.
+        # Progress: fewer keys than ever in this retirement are held by it alone.
+        least = _held_alone(ws)
         deadline = time() + policy.timeout
         timed_out = False
         while not policy.done():
-            remaining = deadline - time()
+            now = time()
+            nkeys = _held_alone(ws)
+            if nkeys < least:
+                least = nkeys
+                deadline = now + policy.timeout
+            remaining = deadline - now
             if remaining <= 0:
                 timed_out = True
                 break
-            # done() scans the worker's keys (~0.1-0.2us each), so poll less often
-            # the more keys there are, keeping the scans under ~1% of the event
-            # loop: 0.01s up to 200 keys, 0.1s at 2k, 0.5s from 10k keys on.
+            # done() and _held_alone scan the worker's keys (~0.1-0.2us each), so
+            # poll less often the more keys there are, keeping the scans under ~2%
+            # of the event loop: 0.01s up to 200 keys, 0.1s at 2k, 0.5s from 10k.
             # (distributed waits 0.5s from 200 keys on, which adds up to half a
             # second to every retirement.)
             poll = max(0.01, min(0.5, len(ws.has_what) / 20_000))
@@ -310,9 +321,9 @@ class Retirements:
                 then = "stays retiring: another retirement of it is in progress"
             if timed_out:
                 logger.warning(
-                    "Could not retire worker %r: its unique data (%d keys) could not "
-                    "be moved to other workers within %ss (amm.retire.timeout); it "
-                    "keeps it and %s (stimulus_id=%r)",
+                    "Could not retire worker %r: its unique data (%d keys) made no "
+                    "progress towards other workers within %ss (amm.retire.timeout); "
+                    "it keeps it and %s (stimulus_id=%r)",
                     ws.address,
                     len(policy.unique_keys()),
                     policy.timeout,
@@ -340,7 +351,7 @@ class Retirements:
         if timed_out:
             lost = policy.unique_keys()
             logger.warning(
-                "Retirement of worker %r timed out after %ss (amm.retire.timeout); "
+                "Retirement of worker %r made no progress for %ss (amm.retire.timeout); "
                 "retiring it anyway (amm.retire.on-timeout: close). %d keys held only "
                 "by it are lost: %s (stimulus_id=%r)",
                 ws.address,
@@ -370,6 +381,11 @@ class Retirements:
                 s.close_worker(ws.address)
         logger.info(f"Retired worker {ws.address!r} ({stimulus_id=!r})")
         return ws.address, "OK", info, timed_out
+
+
+def _held_alone(ws: WorkerState) -> int:
+    """How many keys only ``ws`` holds"""
+    return sum(1 for ts in ws.has_what if len(ts.who_has or ()) < 2)
 
 
 def _send_status(
