@@ -314,8 +314,14 @@ class Replication:
             if addr in scheduler.workers:
                 out.add(addr)
                 continue
-            # a host name: every worker on it, as Scheduler.workers_list does
-            hosts = [a for a in scheduler.workers if isinstance(w, str) and w in a]
+            # a host name: every worker on it, as Scheduler.workers_list does. Not
+            # an address (with a ":"), as there: a departed worker's address may be
+            # the start of another's (tcp://h:4000 of tcp://h:40001)
+            hosts = [
+                a
+                for a in scheduler.workers
+                if isinstance(w, str) and ":" not in w and w in a
+            ]
             if not hosts:
                 raise ValueError(f"workers: {w!r} is not a worker of this cluster")
             out.update(hosts)

@@ -456,6 +456,11 @@ async def test_unknown_keys_and_workers(c, s, a, b):
         await c.scheduler.replicate(keys=["x", ("nope", 1)], n=2)
     with pytest.raises(ValueError, match=r"'tcp://127.0.0.1:1' is not a worker"):
         await rep.replicate(x, 2, workers=["tcp://127.0.0.1:1"])
+    # an address that is the start of a worker's: not that worker (a host name
+    # without a port, though, means every worker on the host)
+    prefix = a.address[:-1]
+    with pytest.raises(ValueError, match=f"{prefix!r} is not a worker"):
+        await rep.replicate(x, 2, workers=[prefix])
     with pytest.raises(ValueError, match=r"branching_factor=0"):
         await c.replicate([x], n=2, branching_factor=0)
     assert await rep.tracked() == []
