@@ -8,11 +8,14 @@ from distributed.scheduler import TaskState
 
 from amm.config import option, parse_unassigned_waiters
 from amm.logs import logger
-from amm.policy import ActiveMemoryManagerPolicy, SuggestionGenerator
+from amm.policy import CHECKPOINT, ActiveMemoryManagerPolicy, SuggestionGenerator
 
 #: Above this many waiters, don't look at where they run: assume each may need its
 #: own replica. Telling them apart costs a set build per key per cycle.
 MAX_WAITERS_INSPECTED = 20
+
+#: Keys visited between two CHECKPOINTs
+CHECKPOINT_EVERY = 256
 
 
 class ReduceReplicas(ActiveMemoryManagerPolicy):
@@ -90,7 +93,11 @@ class ReduceReplicas(ActiveMemoryManagerPolicy):
         tasks = self.keys
         if tasks is None:
             tasks = list(manager.scheduler.replicated_tasks)
-        for ts in tasks:
+        for i, ts in enumerate(tasks):
+            if i % CHECKPOINT_EVERY == CHECKPOINT_EVERY - 1:
+                # Keys that need nothing (protected, or kept for waiters) make no
+                # suggestion, the manager's only other chance to end a time slice
+                yield CHECKPOINT
             if not ts.who_has or len(ts.who_has) < 2:
                 continue  # released, or dropped, while this policy was suspended
             waiters = ts.waiters

@@ -292,3 +292,27 @@ def test_stop_tells_the_policy_its_last_choice():
     asyncio.run(run())
     requested = [key for _, _, batch in recorder.pop() for key in batch]
     assert sorted(requested) == keys  # one copy each, none asked for twice
+
+
+class KeepsAll(ActiveMemoryManagerPolicy):
+    """Protects every replica"""
+
+    def run(self):
+        return ()
+
+    def desired_replicas(self, ts):
+        return len(ts.who_has or ())
+
+
+def test_reduce_replicas_can_be_suspended_with_nothing_to_drop():
+    """Keys that need nothing make no suggestion, which was the policy's only
+    point of suspension: a cycle over many protected keys held the event loop in
+    one go, however long
+    """
+    s, recorder, wss = synthetic(nkeys=2000)
+    m = ActiveMemoryManager(s, [ReduceReplicas(), KeepsAll()], register=False, start=False)
+    m.time_slice = 0
+    m.run_once()
+    assert m.stats.cycles == 1
+    assert m.stats.last_cycle_slices >= 2000 // 256
+    assert not recorder.sent
