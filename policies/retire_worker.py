@@ -30,6 +30,7 @@ from typing import Any
 
 from distributed.active_memory_manager import RetireWorker as _DistributedRetireWorker
 from distributed.core import Status
+from distributed.metrics import time
 from distributed.scheduler import TaskState, WorkerState
 
 from amm.config import AMMConfigError, option, parse_duration
@@ -106,8 +107,8 @@ class RetireWorker(ActiveMemoryManagerPolicy, _DistributedRetireWorker):
                 else ("on_timeout", on_timeout)
             )
         )
-        #: Unique keys asked to be replicated, and their recipient
-        self._requested: dict[TaskState, WorkerState] = {}
+        #: Unique keys asked to be replicated, their recipient, and since when
+        self._requested: dict[TaskState, tuple[WorkerState, float]] = {}
         self._announced = False
         #: run() found nothing left to do and removed the policy. Removed by
         #: anyone else (AMMClient.remove_policy, say), it has not: done() is then
@@ -140,6 +141,11 @@ class RetireWorker(ActiveMemoryManagerPolicy, _DistributedRetireWorker):
         # One set object for every drop: the manager checks a candidate set once
         # per cycle, by identity
         only_ws = frozenset((ws,))
+        now = time()
+        patience = self.timeout / 2
+        # the running workers but a recipient that is too slow, one set for all
+        # the keys asked of it
+        others: dict[WorkerState, frozenset[WorkerState]] = {}
         nrepl = 0  # unique keys still to move
         nno_rec = 0  # unique keys nobody can receive
 
@@ -178,17 +184,25 @@ class RetireWorker(ActiveMemoryManagerPolicy, _DistributedRetireWorker):
             # gets it back. But ask the same recipient while it is running: a
             # second one would only mean a second transfer of the same data, and
             # the worker ignores a request for a key it is already fetching.
-            previous = requested.get(ts)
-            candidates = (
-                frozenset((previous,))
-                if previous is not None and previous in running
-                else None
-            )
+            # Unless the copy has not arrived after half the timeout: the recipient
+            # may be hung, and waiting on it would end the retirement (and, under
+            # Worker.close_gracefully or adaptive scale-down, which close the worker
+            # anyway, lose the key). Another worker is asked then.
+            previous, since = requested.get(ts, _NOT_REQUESTED)
+            candidates: frozenset[WorkerState] | None = None
+            if previous is not None and previous in running:
+                if now - since < patience:
+                    candidates = frozenset((previous,))
+                else:
+                    candidates = others.get(previous)
+                    if candidates is None:
+                        candidates = others[previous] = frozenset(running - {previous})
+                    previous = None
             choice = yield ("replicate", ts, candidates)
             if choice is None and candidates is not None:
                 choice = yield ("replicate", ts, None)
-            if choice is not None:
-                requested[ts] = choice
+            if choice is not None and choice is not previous:
+                requested[ts] = (choice, now)
             elif (
                 ts.state == "memory"
                 and ws in (ts.who_has or _EMPTY)
@@ -290,6 +304,7 @@ class RetireWorker(ActiveMemoryManagerPolicy, _DistributedRetireWorker):
 
 
 _EMPTY: frozenset[Any] = frozenset()
+_NOT_REQUESTED: tuple[None, float] = (None, 0.0)
 
 
 def _closed(stream: Any) -> bool:

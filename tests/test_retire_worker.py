@@ -513,6 +513,33 @@ async def test_retire_timeout_aborts(c, s, a):
 
 
 @gen_cluster(
+    client=True, nthreads=[("", 1)] * 2, config={**RUNNING, "amm.retire.timeout": "2s"}
+)
+async def test_retire_asks_another_recipient_when_one_is_too_slow(c, s, a, w2):
+    """The recipient chosen first never completes the transfer. Asked again and
+    again, it would stall the retirement until the timeout, and under
+    Worker.close_gracefully or adaptive scale-down (which close the worker whatever
+    the outcome) x would be lost. After half the timeout, another worker is asked.
+    """
+    wire(s)
+    x = await c.scatter({"x": 1}, workers=[a.address])
+    clutter = await c.scatter({"clutter": b"0" * 2**20}, workers=[w2.address])
+    async with BlockedGatherDep(s.address) as hung:  # the least loaded: chosen
+        await c.wait_for_workers(3)
+        retiring = asyncio.create_task(c.retire_workers([a.address]))
+        await hung.in_gather_dep.wait()
+        assert list(await retiring) == [a.address]
+        assert holders_of(s, "x") == {w2.address}
+        assert await c.gather(x) == {"x": 1}
+        hung.block_gather_dep.set()
+    del clutter
+
+
+def holders_of(s, key) -> set[str]:
+    return {ws.address for ws in s.tasks[key].who_has or ()}
+
+
+@gen_cluster(
     client=True, nthreads=[("", 1)], config={**RUNNING, "amm.retire.timeout": "1s"}
 )
 async def test_retire_timeout_runs_from_the_last_progress(c, s, a):
