@@ -496,6 +496,21 @@ def synthetic(nworkers: int, nkeys: int, nbytes: int, **kwargs):
     return s, recorder, m, policy, wss
 
 
+def relay(inner, after):
+    """Drive ``inner``'s run() as the manager would, calling ``after(suggestion,
+    choice)`` once each choice is known
+    """
+    gen = inner.run()
+    choice = None
+    while True:
+        try:
+            suggestion = gen.send(choice)
+        except StopIteration:
+            return
+        choice = yield suggestion
+        after(suggestion, choice)
+
+
 def per_recipient(sent) -> dict[str, int]:
     out: dict[str, int] = {}
     for op, addr, keys in sent:
@@ -601,16 +616,10 @@ def test_all_candidates_are_the_missing_workers():
         seen: list = []
 
         def run(self):
-            gen = policy.run()
-            choice = None
-            while True:
-                try:
-                    suggestion = gen.send(choice)
-                except StopIteration:
-                    return
-                choice = yield suggestion
-                op, _, candidates = suggestion
-                self.seen.append((op, set(candidates), choice))
+            def record(suggestion, choice):
+                self.seen.append((suggestion[0], set(suggestion[2]), choice))
+
+            yield from relay(policy, record)
 
     m = ActiveMemoryManager(s, [Spy()], register=False, start=False)
     policy.manager = m
@@ -633,15 +642,7 @@ def test_a_key_untracked_while_the_policy_is_suspended_is_not_left_in_flight():
 
     class UnreplicateMeanwhile(ActiveMemoryManagerPolicy):
         def run(self):
-            gen = policy.run()
-            choice = None
-            while True:
-                try:
-                    suggestion = gen.send(choice)
-                except StopIteration:
-                    return
-                choice = yield suggestion
-                policy.set(["k0"], 1)
+            yield from relay(policy, lambda sug, choice: policy.set(["k0"], 1))
 
     m = ActiveMemoryManager(s, [UnreplicateMeanwhile()], register=False, start=False)
     policy.manager = m
