@@ -201,8 +201,9 @@ class RetireWorker(ActiveMemoryManagerPolicy, _DistributedRetireWorker):
             choice = yield ("replicate", ts, candidates)
             if choice is None and candidates is not None:
                 choice = yield ("replicate", ts, None)
-            if choice is not None and choice is not previous:
-                requested[ts] = (choice, now)
+            if choice is not None:
+                if choice is not previous:
+                    requested[ts] = (choice, now)
             elif (
                 ts.state == "memory"
                 and ws in (ts.who_has or _EMPTY)
