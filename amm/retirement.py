@@ -273,12 +273,12 @@ class Retirements:
         # worker whose data keeps moving may take longer than it, while one that
         # stalls (a recipient that never completes a transfer) gives up after it.
         # Progress: fewer keys than ever in this retirement are held by it alone.
-        least = _held_alone(ws)
+        least = len(policy.unique_keys())
         deadline = time() + policy.timeout
         timed_out = False
         while not policy.done():
             now = time()
-            nkeys = _held_alone(ws)
+            nkeys = len(policy.unique_keys())
             if nkeys < least:
                 least = nkeys
                 deadline = now + policy.timeout
@@ -286,7 +286,7 @@ class Retirements:
             if remaining <= 0:
                 timed_out = True
                 break
-            # done() and _held_alone scan the worker's keys (~0.1-0.2us each), so
+            # done() and unique_keys() scan the worker's keys (~0.1-0.2us each), so
             # poll less often the more keys there are, keeping the scans under ~2%
             # of the event loop: 0.01s up to 200 keys, 0.1s at 2k, 0.5s from 10k.
             # (distributed waits 0.5s from 200 keys on, which adds up to half a
@@ -381,11 +381,6 @@ class Retirements:
                 s.close_worker(ws.address)
         logger.info(f"Retired worker {ws.address!r} ({stimulus_id=!r})")
         return ws.address, "OK", info, timed_out
-
-
-def _held_alone(ws: WorkerState) -> int:
-    """How many keys only ``ws`` holds"""
-    return sum(1 for ts in ws.has_what if len(ts.who_has or ()) < 2)
 
 
 def _send_status(
