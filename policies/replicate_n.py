@@ -319,10 +319,6 @@ class ReplicateN(ActiveMemoryManagerPolicy):
         )
         return keys
 
-    def tracked_keys(self) -> Set[Key]:
-        """The keys tracked, or configured, now"""
-        return self._tracked.keys() | self.configured.keys()
-
     def tracked(self) -> list[dict[str, Any]]:
         """What is tracked: one dict per key, with the target ``n``, the
         ``workers`` it is restricted to (or None), the ``replicas`` it has on
