@@ -35,7 +35,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from distributed.core import Status
-from distributed.metrics import time
+from distributed.metrics import monotonic, time
 
 from amm.config import option, parse_bool, parse_duration
 from amm.logs import logger
@@ -79,7 +79,7 @@ class PausedWorkerRestarter:
         self._logged_no_nanny: set[str] = set()
 
     def check(self) -> None:
-        now = time()
+        now = monotonic()
         paused = [
             ws for ws in self.scheduler.workers.values() if ws.status == Status.paused
         ]
@@ -137,7 +137,7 @@ class PausedWorkerRestarter:
                     self.after,
                 )
                 # The worker goes back to paused: restart its clock
-                self.paused_since[address] = time()
+                self.paused_since[address] = monotonic()
                 return
             out = await s.restart_workers(
                 [address],

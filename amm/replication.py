@@ -27,7 +27,7 @@ from dask.base import is_dask_collection
 from dask.typing import Key
 from distributed import Client, Future, futures_of
 from distributed.core import Status
-from distributed.metrics import time
+from distributed.metrics import monotonic
 from distributed.scheduler import Scheduler
 
 from amm import config
@@ -148,8 +148,8 @@ class Replication:
         keys = list(keys)
         addresses = self._resolve_workers(workers)
         tasks = self.scheduler.tasks
-        deadline = time() + grace
-        while time() < deadline and not all(k in tasks for k in keys):
+        deadline = monotonic() + grace
+        while monotonic() < deadline and not all(k in tasks for k in keys):
             await asyncio.sleep(0.01)
         if self._set(keys, n, addresses) != 1:
             self.kick(force=True)
@@ -237,7 +237,7 @@ class Replication:
         ``force``). A cycle already in progress is not disturbed.
         """
         policy = self.current()
-        if not force and policy is not None and time() - policy.last_run < POLL:
+        if not force and policy is not None and monotonic() - policy.last_run < POLL:
             return
         try:
             self.manager.run_once()

@@ -31,7 +31,7 @@ from typing import Any, Literal
 from tornado.ioloop import PeriodicCallback
 
 from distributed.core import Status
-from distributed.metrics import time
+from distributed.metrics import monotonic, time
 from distributed.scheduler import Scheduler, WorkerState
 from distributed.utils import log_errors
 
@@ -274,10 +274,10 @@ class Retirements:
         # stalls (a recipient that never completes a transfer) gives up after it.
         # Progress: fewer keys than ever in this retirement are held by it alone.
         least = len(policy.unique_keys())
-        deadline = time() + policy.timeout
+        deadline = monotonic() + policy.timeout
         timed_out = False
         while not policy.done():
-            now = time()
+            now = monotonic()
             nkeys = len(policy.unique_keys())
             if nkeys < least:
                 least = nkeys

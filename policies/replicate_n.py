@@ -32,7 +32,7 @@ from typing import Any, Literal, Union
 from dask.typing import Key
 from dask.utils import parse_bytes
 from distributed.core import Status
-from distributed.metrics import time
+from distributed.metrics import monotonic
 from distributed.scheduler import TaskState, WorkerState
 
 from amm.config import AMMConfigError, option, parse_duration
@@ -381,7 +381,7 @@ class ReplicateN(ActiveMemoryManagerPolicy):
         target = self._tracked.get(key)
         if target is None or not target.inflight:
             return 0
-        now = time()
+        now = monotonic()
         who_has = target.ts.who_has or _EMPTY
         return sum(
             1
@@ -444,7 +444,7 @@ class ReplicateN(ActiveMemoryManagerPolicy):
     def run(self) -> SuggestionGenerator:
         manager = self.manager
         scheduler = manager.scheduler
-        now = self.last_run = time()
+        now = self.last_run = monotonic()
         self._apply_config()
         load = yield from self._settle_inflight()
         if not self._tracked:
@@ -591,7 +591,7 @@ class ReplicateN(ActiveMemoryManagerPolicy):
         In-flight transfers number up to ``max_per_worker`` per worker, so this
         yields a CHECKPOINT every ``CHECKPOINT_EVERY`` keys.
         """
-        now = time()
+        now = monotonic()
         due = self._due
         load: dict[WorkerState, list[int]] = {}
         for i, key in enumerate(list(self._with_inflight)):

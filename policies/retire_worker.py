@@ -30,7 +30,7 @@ from typing import Any
 
 from distributed.active_memory_manager import RetireWorker as _DistributedRetireWorker
 from distributed.core import Status
-from distributed.metrics import time
+from distributed.metrics import monotonic
 from distributed.scheduler import TaskState, WorkerState
 
 from amm.config import AMMConfigError, option, parse_duration
@@ -141,7 +141,7 @@ class RetireWorker(ActiveMemoryManagerPolicy, _DistributedRetireWorker):
         # One set object for every drop: the manager checks a candidate set once
         # per cycle, by identity
         only_ws = frozenset((ws,))
-        now = time()
+        now = monotonic()
         patience = self.timeout / 2
         # the running workers but a recipient that is too slow, one set for all
         # the keys asked of it
