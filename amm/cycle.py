@@ -26,7 +26,6 @@ import logging
 import reprlib
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Set
-from operator import attrgetter
 from time import perf_counter
 from typing import Any
 
@@ -38,6 +37,7 @@ from distributed.metrics import time
 from distributed.scheduler import Scheduler, TaskState, WorkerState
 
 from amm.logs import logger, task_logger
+from amm.measures import memory_reader
 from amm.ordering import WorkerMemoryOrder
 from amm.policy import CHECKPOINT
 from amm.stats import CycleStats
@@ -108,7 +108,7 @@ class Cycle:
         # Searches walk running workers only: the others never receive, and drop
         # first through a scan of the few of them (find_dropper).
         self.order = WorkerMemoryOrder(
-            scheduler.workers, attrgetter(f"memory.{measure}"), scheduler.running
+            scheduler.workers, memory_reader(measure), scheduler.running
         )
         self.memory = self.order.memory
         self.running = scheduler.running
