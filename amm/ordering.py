@@ -2,9 +2,9 @@
 which one goes away) costs far less than a scan of the whole cluster.
 
 One order serves one cycle. It reads a worker's memory from the scheduler the
-first time the cycle needs it, not every worker's up front: reading one builds a
-``MemoryState`` (about 2.5 us), so a snapshot of every worker would cost a cycle
-that only drops a few replicas (the eager pass) milliseconds at W=1000, for
+first time the cycle needs it, not every worker's up front: a snapshot of every
+worker would cost a cycle that only drops a few replicas (the eager pass) 0.3 ms
+at W=1000 (1.3 ms through ``WorkerState.memory``, see :mod:`amm.measures`), for
 workers it never looks at. The sorted structure is only built, from every
 worker's memory, when a search first walks it. From then on the order follows
 the cycle's accepted suggestions: :meth:`WorkerMemoryOrder.update` records a
