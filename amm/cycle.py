@@ -561,6 +561,30 @@ class Cycle:
             )
             return None
 
+        # Never drop the last replica on a worker that is staying while the others
+        # are on workers being retired. The key would only have to move back; and a
+        # retirement that runs before this drop is sent sees the copy here, counts
+        # its own as held elsewhere, and lets its worker close with the last one.
+        # (Rebalance, ending a move to a worker that had just started retiring,
+        # lost every key it had moved there that way.)
+        if (
+            self.not_running
+            and choice.status != Status.closing_gracefully
+            and not any(
+                ws is not choice
+                and ws not in pending_drop
+                and ws.status != Status.closing_gracefully
+                for ws in who_has
+            )
+        ):
+            self._reject(
+                "drop",
+                ts,
+                candidates,
+                "the other replicas are on workers that are retiring",
+            )
+            return None
+
         if self.log_tasks:
             task_logger.debug(
                 "(drop, %s, %s): dropping from %s", ts, candidates, choice

@@ -330,6 +330,11 @@ class Rebalance(ActiveMemoryManagerPolicy):
                 # another policy, or the sender left): nothing left to do.
                 self._end_move(move, completed=recipient in who_has)
                 continue
+            if recipient.status == Status.closing_gracefully:
+                # The recipient is being retired: its copy goes with it, and the
+                # sender's must stay (the manager would refuse to drop it anyway)
+                self._end_move(move, completed=False)
+                continue
             if recipient in who_has:
                 entry = pending.get(ts)
                 if entry and sender in entry[1]:

@@ -182,3 +182,29 @@ async def test_drop_needs_a_holder_among_candidates(c, s, a, b):
     s.extensions["amm"].add_policy(P())
     await c.amm.run_once()
     assert chosen == [None, None, ws_b, None]
+
+
+@gen_cluster(client=True, nthreads=[("", 1)] * 3, config=amm_config(policies=[]))
+async def test_never_drops_the_last_replica_off_retiring_workers(c, s, a, b, w):
+    """x is on a and on b, which is retiring. Dropping a's replica would leave x
+    only where it must move from; and a retirement that ran before the drop was
+    sent would count b's replica as held on a, and close b with the last one.
+    """
+    ws_a, ws_b, ws_w = (s.workers[x.address] for x in (a, b, w))
+    x = await c.scatter({"x": 1}, workers=[a.address, b.address], broadcast=True)
+    y = await c.scatter({"y": 1}, broadcast=True)  # noqa: F841
+    s.handle_worker_status_change(Status.closing_gracefully, ws_b, "test")
+    chosen = []
+
+    class P(ActiveMemoryManagerPolicy):
+        def run(self):
+            chosen.append((yield Suggestion("drop", s.tasks["x"], {ws_a})))
+            chosen.append((yield Suggestion("drop", s.tasks["x"], None)))
+            # w still holds y: a's replica may go, then w's may not
+            chosen.append((yield Suggestion("drop", s.tasks["y"], {ws_a})))
+            chosen.append((yield Suggestion("drop", s.tasks["y"], {ws_w})))
+
+    s.extensions["amm"].add_policy(P())
+    await c.amm.run_once()
+    assert chosen == [None, ws_b, ws_a, None]
+    assert await c.gather(x) == {"x": 1}

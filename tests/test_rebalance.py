@@ -6,6 +6,7 @@ import asyncio
 import math
 from collections import Counter
 from typing import Any
+from unittest.mock import ANY
 
 import pytest
 
@@ -494,6 +495,37 @@ async def test_skewed_cluster_converges(c, s, *workers):
     # No key lost
     data = await c.gather(list(futs.values()))
     assert all(len(d) == MiB for d in data)
+
+
+@gen_cluster(
+    client=True,
+    nthreads=[("", 1)] * 3,
+    worker_kwargs=LIMIT,
+    config={**rebalance_config(), "amm.interval": "1h"},
+)
+async def test_retiring_a_recipient_keeps_the_senders_copies(c, s, a, b, w):
+    """Copies have landed on b, and the next cycle would drop a's. Retiring b
+    first runs that cycle: the moves to b end there, and a keeps every key. (The
+    sender's copies were dropped, the retirement counted b's keys as held on a,
+    and b was removed with the only copy of each key it had received.)
+    """
+    futs = await scatter_to(c, a, 40, MiB)
+    await c.amm.start()  # retirements use the running manager; no cycle in 1h
+    await c.amm.run_once()
+    policy = policy_of(s)
+    await async_poll_for(lambda: policy.transfers_in_flight == 0, timeout=5)
+    wsa, wsb = s.workers[a.address], s.workers[b.address]
+    moved = [k for k in futs if wsb in s.tasks[k].who_has]
+    assert moved
+    assert all(wsa in s.tasks[k].who_has for k in moved)
+    abandoned = policy.moves_abandoned
+
+    assert await c.retire_workers([b.address]) == {b.address: ANY}
+    assert all(wsa in s.tasks[k].who_has for k in moved)
+    data = await c.gather(list(futs.values()))
+    assert all(len(d) == MiB for d in data)
+    # ended as soon as b began retiring, rather than once it is gone
+    assert policy.moves_abandoned - abandoned >= len(moved)
 
 
 @gen_cluster(
