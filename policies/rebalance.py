@@ -295,8 +295,10 @@ class Rebalance(ActiveMemoryManagerPolicy):
             )
 
     def _expire_cooldowns(self) -> None:
+        # A key whose move ended in cycle c (expiry c + K) stays put in cycles
+        # c + 1 to c + K, and may move again from c + K + 1 on
         queue = self._cooldown_queue
-        while queue and queue[0][0] <= self.cycle:
+        while queue and queue[0][0] < self.cycle:
             expiry, ts = queue.popleft()
             if self._cooldown.get(ts) == expiry:
                 del self._cooldown[ts]

@@ -230,6 +230,27 @@ def test_hysteresis_no_ping_pong():
     assert returned_at >= 0
 
 
+@pytest.mark.parametrize("cooldown", [0, 1, 2])
+def test_key_cooldown_counts_whole_cycles(cooldown):
+    """A key stays put for key_cooldown cycles after the one its move ended in
+    (key_cooldown=1 was the same as 0)
+    """
+    sim = Sim(
+        [100 * MiB] * 2, spill_margin=False, key_cooldown=cooldown, recipient_cooldown=0
+    )
+    keys = sim.fill(0, 60, MiB)
+    sim.cycle()  # copies to w1
+    sim.cycle()  # drops the originals on w0: the moves end
+    moved = {key for key in keys if sim.holders(key) == {1}}
+    assert moved
+    sim.fill(1, 1, 40 * MiB)  # now w1 is the one above the mean
+    for n in range(1, cooldown + 3):
+        sent = sim.cycle()
+        if any(op == "acquire-replicas" and moved & set(ks) for op, _, ks in sent):
+            break
+    assert n == cooldown + 1
+
+
 def test_recipient_does_not_send_next_cycle():
     """w1 receives in cycle 1, then gets so much data it is the most loaded worker:
     it sends nothing in the next recipient_cooldown cycles, then does.
