@@ -128,8 +128,22 @@ class PausedWorkerRestarter:
                 remove=False,
                 stimulus_id=stimulus_id,
                 on_timeout="abort",
+                if_status=Status.paused,
             )
             if address not in retired:
+                # An aborted retirement puts the worker back to paused through a
+                # round trip to it: until then it shows as closing_gracefully
+                ws = s.workers.get(address)
+                if ws is None or ws.status not in (
+                    Status.paused,
+                    Status.closing_gracefully,
+                ):
+                    logger.info(
+                        "Paused worker %s resumed or left before its data was moved; "
+                        "not restarted",
+                        address,
+                    )
+                    return
                 logger.warning(
                     "Paused worker %s was not restarted: its data could not be moved "
                     "to other workers. Trying again in %ss",

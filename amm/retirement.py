@@ -126,9 +126,13 @@ class Retirements:
         stimulus_id: str | None = None,
         workers_to_close: dict[str, Any] | None = None,
         on_timeout: str | None = None,
+        if_status: Status | None = None,
     ) -> dict[str, Any]:
-        """:meth:`retire_workers`, plus ``on_timeout`` overriding the config (used
-        by the paused-worker restart, which must never lose data).
+        """:meth:`retire_workers`, plus two options for the paused-worker restart:
+        ``on_timeout`` overrides the config (the restart must never lose data), and
+        ``if_status`` retires only the workers still in that status once the lock
+        is held (waiting for it, behind a rebalance() or replicate(), a paused
+        worker may have resumed; it must not be drained and restarted then).
         """
         s = self.scheduler
         stimulus_id = stimulus_id or f"retire-workers-{time()}"
@@ -152,6 +156,8 @@ class Retirements:
                     s.workers[addr]
                     for addr in s.workers_to_close(**(workers_to_close or {}))
                 }
+            if if_status is not None:
+                wss = {ws for ws in wss if ws.status == if_status}
             if not wss:
                 return {}
 

@@ -754,6 +754,37 @@ async def test_paused_worker_is_restarted_without_losing_data(c, s, a, b):
     assert [ev["workers"] for ev in events(s, "restart-workers")] == [[old]]
 
 
+RESUME = lambda dask_worker: setattr(dask_worker, "status", Status.running)  # noqa: E731
+
+
+@gen_cluster(client=True, Worker=Nanny, nthreads=[("", 1)] * 2, config=PAUSED_RESTART)
+async def test_worker_that_resumes_while_restart_waits_is_left_alone(c, s, a, b):
+    """The restart waits for the lock that a rebalance() or replicate() in progress
+    holds; the worker resumes meanwhile. It was drained and restarted all the same.
+    """
+    wire(s)
+    addr = a.worker_address
+    futures = await c.scatter({f"x{i}": i for i in range(5)}, workers=[addr])
+    with captured_logger(AMM_LOGGER, logging.INFO) as log:
+        async with s._replica_lock("rebalance"):
+            await c.run(PAUSE, workers=[addr])
+            while "moving its data to other workers" not in log.getvalue():
+                await asyncio.sleep(0.05)
+            await c.run(RESUME, workers=[addr])
+            while s.workers[addr].status != Status.running:
+                await asyncio.sleep(0.01)
+        while "not restarted" not in log.getvalue() and not events(
+            s, "restart-workers"
+        ):
+            await asyncio.sleep(0.05)
+    assert "resumed or left before its data was moved" in log.getvalue()
+    assert s.workers[addr].status == Status.running
+    assert not events(s, "restart-workers")
+    assert not retire_events(s)
+    held = await c.run(lambda dask_worker: sorted(dask_worker.data), workers=[addr])
+    assert held[addr] == sorted(futures)
+
+
 @gen_cluster(client=True, Worker=Nanny, nthreads=[("", 1)], config=PAUSED_RESTART)
 async def test_paused_worker_not_restarted_if_data_cant_move(c, s, a):
     wire(s)
