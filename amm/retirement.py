@@ -233,7 +233,10 @@ class Retirements:
             return amm, False
         from amm.manager import ActiveMemoryManager
 
-        interval = getattr(amm or self.manager, "interval", None) or 2.0
+        # Every 2 s, as distributed's temporary manager, or the configured interval
+        # if shorter: that of a stopped manager may be long, as it was not meant to
+        # run, and a key landing on the worker after the first cycle waited for it
+        interval = min(getattr(amm or self.manager, "interval", None) or 2.0, 2.0)
         temporary = ActiveMemoryManager(
             self.scheduler, policies=[], register=False, start=True, interval=interval
         )
@@ -353,7 +356,6 @@ class Retirements:
             )
             return ws.address, "no-recipients", ws.identity(), False
 
-        info = ws.identity()
         if timed_out:
             lost = policy.unique_keys()
             logger.warning(
@@ -386,7 +388,8 @@ class Retirements:
             if close:
                 s.close_worker(ws.address)
         logger.info(f"Retired worker {ws.address!r} ({stimulus_id=!r})")
-        return ws.address, "OK", info, timed_out
+        # after the removal, as distributed: the info shows the worker closed
+        return ws.address, "OK", ws.identity(), timed_out
 
 
 def _send_status(

@@ -233,6 +233,8 @@ async def test_retire_workers_through_this_manager(c, s, a, b, start):
     x = await c.scatter({"x": 1}, workers=[a.address])  # noqa: F841
     out = await c.retire_workers([a.address])
     assert set(out) == {a.address}
+    # the worker's info as distributed returns it: taken once it is removed
+    assert out[a.address]["status"] == "closed"
     assert a.address not in s.workers
     assert "x" in b.data
     if start:

@@ -14,8 +14,9 @@ import dask.config
 from distributed import Client, Event, LocalCluster, Nanny, wait
 from distributed.core import Status
 from distributed.utils_test import (
-    async_poll_for,
     BlockedGatherDep,
+    BlockedGetData,
+    async_poll_for,
     captured_logger,
     gen_cluster,
     gen_test,
@@ -56,6 +57,36 @@ STOPPED = amm_config(interval="50ms", policies=[])
 #: The installed manager running; "managed" makes the recipient choice predictable
 #: in a single-process cluster, where every worker reports the same process memory
 RUNNING = amm_config(start=True, interval="50ms", policies=[], measure="managed")
+
+
+def _slow(x: int) -> int:
+    time.sleep(0.5)
+    return x
+
+
+@gen_cluster(
+    client=True,
+    Worker=BlockedGetData,
+    config={**amm_config(interval="1h", policies=[]), "amm.retire.timeout": "10s"},
+)
+async def test_stopped_manager_with_long_interval_retires_in_time(c, s, a, b):
+    """The manager is stopped, with a long interval. y lands on a, unique there,
+    after the retirement's first cycle: the temporary manager moves it at its next
+    cycle, 2 s later as in distributed, not an interval later (the retirement
+    gave up first).
+    """
+    b.block_get_data.set()  # only a's transfers are held back
+    x = await c.scatter({"x": 1}, workers=[a.address])
+    y = c.submit(_slow, 2, key="y", workers=[a.address], allow_other_workers=True)
+    while not s.tasks.get("y") or s.tasks["y"].state != "processing":
+        await asyncio.sleep(0.01)
+    retire = asyncio.create_task(c.retire_workers([a.address]))
+    await a.in_get_data.wait()  # b is fetching x from a
+    while s.tasks["y"].state != "memory":
+        await asyncio.sleep(0.01)
+    a.block_get_data.set()
+    assert list(await retire) == [a.address]
+    assert await c.gather([x["x"], y]) == [1, 2]
 
 
 def wire(s) -> Retirements:
