@@ -70,13 +70,9 @@ class EagerReduction:
 
         self._timer = None
         manager = self.manager
+        # this project's ReduceReplicas is one of distributed's
         periodic = next(
-            (
-                p
-                for p in manager.policies
-                if isinstance(p, (ReduceReplicas, _DistReduceReplicas))
-            ),
-            None,
+            (p for p in manager.policies if isinstance(p, _DistReduceReplicas)), None
         )
         if not manager.running or periodic is None:
             self.keys.clear()

@@ -116,3 +116,37 @@ class PolicySet(MutableSet[_DistributedPolicy]):
 
     def __repr__(self) -> str:
         return f"PolicySet({list(self._policies)!r})"
+
+    # The named methods of ``set`` (MutableSet has only the operators), for code
+    # written against distributed's plain set
+
+    def copy(self) -> PolicySet:
+        return PolicySet(self)
+
+    def update(self, *others: Iterable[_DistributedPolicy]) -> None:
+        for other in others:
+            self |= other
+
+    def difference_update(self, *others: Iterable[Any]) -> None:
+        for other in others:
+            self -= other
+
+    def union(self, *others: Iterable[_DistributedPolicy]) -> PolicySet:
+        out = self.copy()
+        out.update(*others)
+        return out
+
+    def difference(self, *others: Iterable[Any]) -> PolicySet:
+        out = self.copy()
+        out.difference_update(*others)
+        return out
+
+    def intersection(self, *others: Iterable[Any]) -> PolicySet:
+        keep = set(self).intersection(*others)
+        return PolicySet(p for p in self if p in keep)
+
+    def issubset(self, other: Iterable[Any]) -> bool:
+        return self <= set(other)
+
+    def issuperset(self, other: Iterable[Any]) -> bool:
+        return all(p in self for p in other)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from distributed.active_memory_manager import ReduceReplicas as _DistributedReduceReplicas
 from distributed.scheduler import TaskState
 
 from amm.config import option, parse_unassigned_waiters
@@ -18,8 +19,12 @@ MAX_WAITERS_INSPECTED = 20
 CHECKPOINT_EVERY = 256
 
 
-class ReduceReplicas(ActiveMemoryManagerPolicy):
+class ReduceReplicas(ActiveMemoryManagerPolicy, _DistributedReduceReplicas):
     """Drop the replicas of in-memory keys beyond what is needed.
+
+    A subclass of distributed's ReduceReplicas (as RetireWorker is of its
+    RetireWorker), so that code finding the default policy with ``isinstance``
+    finds this one.
 
     A key needs as many replicas as the manager's desired count for it (1 unless a
     policy such as ReplicateN asks for more), or as many as the distinct places its

@@ -12,6 +12,7 @@ from distributed.active_memory_manager import (
     ActiveMemoryManagerPolicy as DistributedPolicy,
 )
 from distributed.active_memory_manager import RetireWorker as DistributedRetireWorker
+from distributed.active_memory_manager import ReduceReplicas as DistributedReduceReplicas
 from distributed.active_memory_manager import Suggestion as DistributedSuggestion
 from distributed.core import Status
 from distributed.utils_test import async_poll_for, captured_logger, gen_cluster, inc
@@ -292,3 +293,25 @@ async def test_client_restart_keeps_the_manager_working(c, s, a, b):
     assert len(s.tasks["w"].who_has) == 2
     assert [t["key"] for t in await AMMClient(c).tracked()] == ["w"]
     assert await c.gather(w) == {"w": 2}
+
+
+@gen_cluster(client=True, config=amm_config())
+async def test_policies_as_distributed_has_them(c, s, a, b):
+    """Code written against distributed's manager finds the default policy by its
+    class, and uses the named methods of a set on ``policies``
+    """
+    manager = s.extensions["amm"]
+    (default,) = manager.policies
+    assert isinstance(default, DistributedReduceReplicas)
+    other = amm.ReplicateN()
+    copy = manager.policies.copy()
+    copy.update([other])
+    assert list(copy) == [default, other]
+    assert list(manager.policies) == [default]
+    assert manager.policies.issubset(copy)
+    assert copy.issuperset(manager.policies)
+    assert list(copy.difference(manager.policies)) == [other]
+    assert list(manager.policies.union([other])) == [default, other]
+    assert list(copy.intersection({other})) == [other]
+    copy.difference_update([default])
+    assert list(copy) == [other]
