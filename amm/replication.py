@@ -207,6 +207,17 @@ class Replication:
 
         if self._set(keys, n, addresses) != 1:
             await self.wait(keys)
+        # distributed's event, which dashboards and tests read
+        self.scheduler.log_event(
+            "all",
+            {
+                "action": "replicate",
+                "workers": sorted(addresses) if addresses is not None else None,
+                "key-count": len(keys),
+                "branching-factor": branching_factor,
+                "n": n,
+            },
+        )
         return None
 
     async def scatter(

@@ -113,6 +113,9 @@ async def test_client_replicate_is_kept(c, s, *workers):
     await c.replicate([x], n=1)
     await async_poll_for(lambda: len(holders(s, "x")) == 1, timeout=5)
     assert await ReplicationClient(c).tracked() == []
+    # distributed's event, one per call
+    events = [ev for _, ev in s.get_events("all") if ev.get("action") == "replicate"]
+    assert [(ev["n"], ev["key-count"]) for ev in events] == [(3, 1), ("all", 1), (1, 1)]
 
 
 @gen_cluster(client=True, nthreads=[("", 1)] * 3, config=config(**RUNNING))
