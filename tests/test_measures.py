@@ -48,7 +48,9 @@ def test_fast_readers_equal_worker_memory(
 @gen_cluster(client=True, config=amm_config())
 async def test_fast_readers_on_heartbeat_metrics(c, s, a, b):
     """Real workers: metrics from heartbeats, nbytes from tasks landing"""
-    await c.scatter({f"x{i}": b"0" * 100_000 * (i + 1) for i in range(5)})
+    futures = await c.scatter(  # noqa: F841
+        {f"x{i}": b"0" * 100_000 * (i + 1) for i in range(5)}, broadcast=True
+    )
     await a.heartbeat()
     await b.heartbeat()
     assert memory_reader("optimistic") is FAST_READERS["optimistic"]
