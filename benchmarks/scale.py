@@ -314,6 +314,9 @@ class Run:
     #: every timing of the first cycle (on fresh copies of the state); the
     #: reported one is the fastest, the least disturbed by the machine
     one_cycle_runs: list[float] = field(default_factory=list)
+    #: the same with the garbage collector on, as in a scheduler
+    one_cycle_gc_on_seconds: float = math.nan
+    one_cycle_gc_on_runs: list[float] = field(default_factory=list)
     #: ours only: the same policies with no time slice and no per-cycle bound,
     #: run to convergence: what the slicing and the bounds cost in total
     unbounded_cycles: int = 0
@@ -332,14 +335,19 @@ def make_manager(side: str, state: State, policies: list[Any]) -> Any:
     )
 
 
-def timed_cycle(manager: Any) -> tuple[float, float]:
+def timed_cycle(manager: Any, gc_on: bool = False) -> tuple[float, float]:
     """(total seconds, longest time holding the event loop) of one cycle.
 
-    The garbage collector is paused while timing: a full collection of a state
-    with millions of objects would land in whichever cycle happens to trigger it,
-    and swamp the cost being compared.
+    By default the garbage collector is paused while timing, which compares the
+    algorithms alone: converging, a full collection of a state with millions of
+    objects would land in whichever cycle happens to trigger it. ``gc_on`` times
+    the cycle as a scheduler runs it, with the collector on from a freshly
+    collected heap: the collections a cycle's own allocations trigger count as
+    its cost.
     """
     gc.collect()
+    if gc_on:
+        return _timed_cycle(manager)
     gc.disable()
     try:
         return _timed_cycle(manager)
@@ -455,6 +463,13 @@ def run_side(
         result.one_cycle_runs.append(timed_cycle(manager)[0])
         del state, manager, policies
     result.one_cycle_seconds = min(result.one_cycle_runs)
+    for i in range(repeat):
+        if i and run["first"] > MAX_REPEATED_CYCLE_SECONDS:
+            break
+        state, policies, manager = fresh(scn, side, nworkers, nkeys)
+        result.one_cycle_gc_on_runs.append(timed_cycle(manager, gc_on=True)[0])
+        del state, manager, policies
+    result.one_cycle_gc_on_seconds = min(result.one_cycle_gc_on_runs)
 
     if side == "ours":
         state, policies, manager = fresh(scn, side, nworkers, nkeys, unbounded=True)
@@ -481,6 +496,11 @@ def run_rebalance_planner(
         tracemalloc.stop()
     # the planner reads process memory (ws.memory.process), which amm.testing keeps
     # equal to managed memory
+    gc.collect()
+    t0 = time.perf_counter()
+    s._rebalance_find_msgs(None, s.workers.values())
+    result.one_cycle_gc_on_seconds = time.perf_counter() - t0
+    result.one_cycle_gc_on_runs.append(result.one_cycle_gc_on_seconds)
     gc.collect()
     gc.disable()
     t0 = time.perf_counter()
@@ -510,18 +530,26 @@ def ratio(theirs: float, ours: float) -> float:
 
 def markdown(runs: list[Run]) -> str:
     lines = [
-        "| scenario | W | K | side | one cycle | speed-up | cycles | longest slice "
+        "| scenario | W | K | side | one cycle | speed-up | one cycle, gc on "
+        "| speed-up, gc on | cycles | longest slice "
         "| total | vs unbounded | peak MiB | quality | note |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     by_key = {(r.scenario, r.workers, r.keys, r.side): r for r in runs}
     for r in runs:
         other = by_key.get((r.scenario, r.workers, r.keys, "theirs"))
-        speedup = ratio(other.one_cycle_seconds, r.one_cycle_seconds) if other and r.side == "ours" else math.nan
+        mine = other and r.side == "ours"
+        speedup = ratio(other.one_cycle_seconds, r.one_cycle_seconds) if mine else math.nan
+        speedup_gc = (
+            ratio(other.one_cycle_gc_on_seconds, r.one_cycle_gc_on_seconds)
+            if mine
+            else math.nan
+        )
         quality = ", ".join(f"{k} {v:.2f}" for k, v in r.quality.items())
         lines.append(
             f"| {r.scenario} | {r.workers} | {r.keys} | {r.side} "
-            f"| {_t(r.one_cycle_seconds)} | {'' if math.isnan(speedup) else f'{speedup:.1f}x'} "
+            f"| {_t(r.one_cycle_seconds)} | {_x(speedup)} "
+            f"| {_t(r.one_cycle_gc_on_seconds)} | {_x(speedup_gc)} "
             f"| {r.cycles}{'' if r.converged else ' (not converged)'} "
             f"| {_t(r.longest_slice_seconds)} | {_t(r.total_seconds)} "
             f"| {_vs_unbounded(r)} "
@@ -534,6 +562,10 @@ def _vs_unbounded(r: Run) -> str:
     if r.side != "ours" or math.isnan(r.unbounded_seconds) or not r.unbounded_seconds:
         return ""
     return f"{r.total_seconds / r.unbounded_seconds:.2f}x of {_t(r.unbounded_seconds)}"
+
+
+def _x(speedup: float) -> str:
+    return "" if math.isnan(speedup) else f"{speedup:.1f}x"
 
 
 def _t(seconds: float) -> str:
@@ -645,6 +677,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     runs.append(r)
                     print(
                         f"{name:<20} W={w:<5} K={k:<8} {side:<6} one={_t(r.one_cycle_seconds):>10} "
+                        f"gc_on={_t(r.one_cycle_gc_on_seconds):>10} "
                         f"cycles={r.cycles:<4} slice={_t(r.longest_slice_seconds):>10} "
                         f"total={_t(r.total_seconds):>10} {_vs_unbounded(r)} "
                         f"mem={r.peak_memory_mib:.1f}MiB {r.quality} {r.note}",

@@ -40,6 +40,7 @@ def test_scale_quick(tmp_path):
     for r in runs:
         assert r["side"] in ("ours", "theirs")
         assert r["one_cycle_seconds"] > 0, r
+        assert r["one_cycle_gc_on_seconds"] > 0, r
         # cycles that sent something: the idle cycle has nothing to send
         assert r["cycles"] == 0 if r["scenario"] == "idle_cycle" else r["cycles"] >= 1, r
     # this project's side converges in every scenario

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 
 from distributed import Worker
 from distributed.utils_test import gen_cluster
@@ -316,3 +317,77 @@ def test_reduce_replicas_can_be_suspended_with_nothing_to_drop():
     assert m.stats.cycles == 1
     assert m.stats.last_cycle_slices >= 2000 // 256
     assert not recorder.sent
+
+
+class Allocating(ActiveMemoryManagerPolicy):
+    """Keeps many containers alive while it runs, as a cycle's bookkeeping does,
+    and records the collections that ran meanwhile
+    """
+
+    resumable = True
+
+    def __init__(self):
+        self.collections = []
+
+    def run(self):
+        before = sum(g["collections"] for g in gc.get_stats())
+        kept = [[i] for i in range(20_000)]  # ~30 young collections' worth
+        for ts in list(self.manager.scheduler.replicated_tasks):
+            yield Suggestion("drop", ts)
+        self.collections.append(sum(g["collections"] for g in gc.get_stats()) - before)
+        del kept
+
+
+def test_garbage_collector_paused_while_a_slice_runs():
+    """The cyclic garbage collector does not run during a slice: what a slice
+    allocates would otherwise be promoted and trigger collections of the whole
+    scheduler's heap. It runs again once the slice is over.
+    """
+    s, recorder, wss = synthetic(nkeys=100)
+    policy = Allocating()
+    m = ActiveMemoryManager(s, [policy], register=False, start=False)
+    assert gc.isenabled()
+    m.run_once()
+    assert policy.collections == [0]
+    assert gc.isenabled()
+    assert m.stats.total.drops_requested == 100
+
+
+def test_garbage_collector_turned_off_stays_off():
+    s, recorder, wss = synthetic(nkeys=100)
+    m = ActiveMemoryManager(s, [ReduceReplicas()], register=False, start=False)
+    m.time_slice = 0
+    gc.disable()
+    try:
+        m.run_once()
+        assert m.stats.cycles_sliced == 1
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+
+
+@gen_cluster(client=True, config=amm_config())
+async def test_garbage_collector_runs_between_slices(c, s, a, b):
+    """Between two slices, the event loop runs with the collector on"""
+    seen = []
+
+    class Watch(ActiveMemoryManagerPolicy):
+        resumable = True
+
+        def run(self):
+            for _ in range(3):
+                seen.append(("slice", gc.isenabled()))
+                asyncio.get_running_loop().call_soon(
+                    lambda: seen.append(("loop", gc.isenabled()))
+                )
+                yield CHECKPOINT
+
+    m = s.extensions["amm"]
+    m.policies = {Watch()}
+    m.time_slice = 0
+    m.run_once()
+    while m.cycle_in_progress:
+        await asyncio.sleep(0.01)
+    assert ("slice", False) in seen and ("loop", True) in seen
+    assert ("slice", True) not in seen and ("loop", False) not in seen
+    assert gc.isenabled()
