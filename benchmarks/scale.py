@@ -5,7 +5,9 @@ real WorkerState / TaskState objects, see amm.testing) and runs, on an identical
 fresh copy for each side:
 
 - one cycle, timed (the best of ``--repeat`` runs on fresh copies, since timings
-  on a shared machine vary by tens of percent from one run to the next);
+  on a shared machine vary by tens of percent from one run to the next), with
+  the garbage collector paused (the algorithms alone) and again with it on (as in
+  a scheduler, where the collections a cycle's allocations set off are its cost);
 - cycles to convergence, applying what each cycle sent as if every transfer
   succeeded: number of cycles, the longest time the event loop was held in one go
   (for this project, the longest time slice), total time;
