@@ -182,7 +182,7 @@ def build_policies(key: str, specs: Any) -> list[Any]:
 
 
 #: Values of ``amm.reduce-replicas.unassigned-waiters``
-UNASSIGNED_WAITERS = ("each", "shared")
+UNASSIGNED_WAITERS = ("each", "imminent", "shared")
 
 
 def parse_unassigned_waiters(key: str, value: Any) -> str:

@@ -56,10 +56,10 @@ MODES: dict[str, dict[str, Any]] = {
     "off": {"distributed.scheduler.active-memory-manager.start": False},
     "distributed": {},
     "on": {"distributed.scheduler.preload": ["amm"]},
-    # this project's, with the looser rule for unassigned dependents
-    "shared": {
+    # this project's, keeping distributed's rule for unassigned dependents
+    "each": {
         "distributed.scheduler.preload": ["amm"],
-        "amm.reduce-replicas.unassigned-waiters": "shared",
+        "amm.reduce-replicas.unassigned-waiters": "each",
     },
 }
 
@@ -89,7 +89,7 @@ def run(mode: str, args: argparse.Namespace) -> Result:
         seconds = time.perf_counter() - start
         dropped = (
             AMMClient(client).statistics()["drops_requested"]
-            if mode in ("on", "shared")
+            if mode in ("on", "each")
             else None
         )
         samples = {"process": process.samples[mode], "managed": managed.samples[mode]}

@@ -1,6 +1,7 @@
 """End-to-end peak memory: the same computation with the AMM off, with
 distributed's built-in AMM and with this project's (at its defaults, and with
-``amm.reduce-replicas.unassigned-waiters: shared``), one after another in one run.
+``amm.reduce-replicas.unassigned-waiters: each``, distributed's rule for the
+dependents not assigned yet), one after another in one run.
 
 The workload is amm.demo's: ``(x @ x.T).sum()`` on a LocalCluster of worker
 processes with one thread each; memory is sampled by distributed's MemorySampler
@@ -35,12 +36,12 @@ from typing import Any
 from amm import demo
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
-ORDER = ("off", "distributed", "on", "shared")
+ORDER = ("off", "distributed", "on", "each")
 LABELS = {
     "off": "AMM off",
     "distributed": "distributed's AMM",
     "on": "amm",
-    "shared": "amm, unassigned-waiters: shared",
+    "each": "amm, unassigned-waiters: each",
 }
 
 

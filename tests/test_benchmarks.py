@@ -65,7 +65,7 @@ def test_memory_quick(tmp_path):
     )
     report = json.loads((tmp_path / "memory_quick.json").read_text())
     assert [row["mode"] for row in report["rows"]] == [
-        "AMM off", "distributed's AMM", "amm", "amm, unassigned-waiters: shared",
+        "AMM off", "distributed's AMM", "amm", "amm, unassigned-waiters: each",
     ]
     for row in report["rows"]:
         assert row["peak_managed_mib"] > 0
@@ -76,7 +76,7 @@ def test_memory_quick(tmp_path):
     assert report["rows"][0]["peak_managed_vs_off"] == 1.0
     assert report["rows"][0]["transferred_vs_off"] == 1.0
     # two interleaved rounds; the row of a mode is one of its runs' peaks
-    for mode, row in zip(["off", "distributed", "on", "shared"], report["rows"]):
+    for mode, row in zip(["off", "distributed", "on", "each"], report["rows"]):
         runs = report["runs"][mode]
         assert len(runs) == 2
         assert row["peak_managed_mib"] * 2**20 in [r["peak_managed"] for r in runs]

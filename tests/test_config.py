@@ -141,7 +141,7 @@ def test_distributed_default_policies_map_to_ours(scheduler):
             "amm.reduce-replicas.unassigned-waiters",
             "some",
             "amm.reduce-replicas.unassigned-waiters='some': "
-            "must be one of 'each', 'shared'",
+            "must be one of 'each', 'imminent', 'shared'",
         ),
     ],
 )
@@ -162,6 +162,10 @@ def test_invalid_constructor_arguments(scheduler):
     assert repr(ReduceReplicas(unassigned_waiters="shared")) == (
         "ReduceReplicas(unassigned_waiters='shared')"
     )
+    assert repr(ReduceReplicas(unassigned_waiters="each")) == (
+        "ReduceReplicas(unassigned_waiters='each')"
+    )
+    assert repr(ReduceReplicas()) == "ReduceReplicas()"
 
 
 @gen_test()

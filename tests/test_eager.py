@@ -48,11 +48,21 @@ async def test_replica_kept_while_a_dependent_runs(c, s, a, b):
     assert await z is True
 
 
-@pytest.mark.parametrize("rule,kept", [("each", 2), ("shared", 1)])
-def test_eager_pass_follows_the_periodic_policy_rule(rule, kept):
-    """Two dependents of x wait, unassigned, for y: the eager pass run when
-    another dependent of x finishes keeps a replica for each of them, or one
-    for both, as the configured ReduceReplicas would
+@pytest.mark.parametrize(
+    "rule,far,kept",
+    [
+        ("each", False, 2),
+        ("shared", False, 1),
+        ("imminent", False, 2),
+        ("imminent", True, 1),
+        ("each", True, 2),
+    ],
+)
+def test_eager_pass_follows_the_periodic_policy_rule(rule, far, kept):
+    """Two dependents of x wait, unassigned, for y, which is processing (or, far,
+    for y2, which waits for y): the eager pass run when another dependent of x
+    finishes keeps a replica for each of them, or one for both, as the configured
+    ReduceReplicas would
     """
     policies = [{"class": "amm.ReduceReplicas", "unassigned_waiters": rule}]
 
@@ -63,8 +73,10 @@ def test_eager_pass_follows_the_periodic_policy_rule(rule, kept):
         ev = Event()
         x = (await c.scatter({"x": 1}, broadcast=True))["x"]
         y = c.submit(lambda ev: ev.wait(), ev, key="y", workers=[workers[3].address])
+        if far:
+            y = c.submit(lambda y: y, y, key="y2", workers=[workers[3].address])
         waiting = [c.submit(lambda x, y: None, x, y, key=("w", i)) for i in range(2)]
-        await async_poll_for(lambda: len(s.tasks) == 4, timeout=5)
+        await async_poll_for(lambda: len(s.tasks) == 4 + far, timeout=5)
         assert await c.submit(inc, x, key="z") == 2
         await async_poll_for(lambda: len(s.tasks["x"].who_has) == kept, timeout=5)
         await asyncio.sleep(0.1)  # and no further

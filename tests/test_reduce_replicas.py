@@ -44,13 +44,17 @@ WAITERS = [
 ]
 
 
-async def kept_for_waiters(c, s, w1, w2, w4, nwaiters_w1, nwaiters_w2, nwaiters_nonproc):
+async def kept_for_waiters(
+    c, s, w1, w2, w4, nwaiters_w1, nwaiters_w2, nwaiters_nonproc, nwaiters_far=0
+):
     """Replicas of a key on all 4 workers, dependents waiting on it, one cycle:
-    the number of replicas left
+    the number of replicas left. The dependents not assigned wait for y, which is
+    processing, or (the "far" ones) for y2, which waits for y.
     """
     ev = Event()
     x = (await c.scatter({"x": 123}, broadcast=True))["x"]
     y = c.submit(lambda ev: ev.wait(), ev, key="y", workers=[w4.address])
+    y2 = c.submit(lambda y: y, y, key="y2", workers=[w4.address])
     waiters = [
         c.submit(lambda x, ev: ev.wait(), x, ev, key=("zw1", i), workers=[w1.address])
         for i in range(nwaiters_w1)
@@ -59,8 +63,12 @@ async def kept_for_waiters(c, s, w1, w2, w4, nwaiters_w1, nwaiters_w2, nwaiters_
         for i in range(nwaiters_w2)
     ] + [
         c.submit(lambda x, y: None, x, y, key=("znp", i)) for i in range(nwaiters_nonproc)
+    ] + [
+        c.submit(lambda x, y2: None, x, y2, key=("zfar", i)) for i in range(nwaiters_far)
     ]
-    await async_poll_for(lambda: len(s.tasks) == len(waiters) + 2, timeout=5)
+    await async_poll_for(lambda: len(s.tasks) == len(waiters) + 3, timeout=5)
+    assert s.tasks["y"].state == "processing"
+    assert s.tasks["y2"].state == "waiting"
     await c.amm.run_once()
     await asyncio.sleep(0.2)  # let every drop land
     await ev.set()
@@ -73,7 +81,8 @@ async def test_keeps_replicas_for_waiters(
     c, s, w1, w2, w3, w4, nw1, nw2, nnonproc, each, shared
 ):
     """A key keeps one replica per distinct place its waiting dependents will run;
-    by default (distributed's rule) dependents not yet assigned each count as a place.
+    by default dependents not yet assigned that wait only for processing tasks
+    each count as a place, as in distributed.
     """
     assert await kept_for_waiters(c, s, w1, w2, w4, nw1, nw2, nnonproc) == each
 
@@ -91,6 +100,49 @@ async def test_unassigned_waiters_shared(
     as one place between them
     """
     assert await kept_for_waiters(c, s, w1, w2, w4, nw1, nw2, nnonproc) == shared
+
+
+#: (waiters processing on w1, on w2, not assigned and waiting for a processing
+#: task, not assigned and waiting for a task that has not started; replicas kept
+#: under "imminent", under "each")
+FAR_WAITERS = [
+    (1, 1, 2, 0, 4, 4),
+    (0, 0, 0, 3, 1, 3),
+    (1, 1, 0, 2, 3, 4),
+    (0, 0, 1, 1, 2, 2),
+    (0, 0, 2, 5, 3, 4),
+    (1, 0, 0, 1, 2, 2),
+    # 20+ waiters: not inspected, each may need its own replica
+    (1, 0, 0, 19, 4, 4),
+]
+
+
+@pytest.mark.parametrize("nw1,nw2,nnonproc,nfar,imminent,each", FAR_WAITERS)
+@gen_cluster(client=True, nthreads=[("", 1)] * 4, config=amm_config())
+async def test_unassigned_waiters_imminent(
+    c, s, w1, w2, w3, w4, nw1, nw2, nnonproc, nfar, imminent, each
+):
+    """By default (``unassigned-waiters: imminent``), a dependent not assigned yet
+    counts as a place of its own if it only waits for processing tasks; those
+    waiting for a task that has not started count as one place between them
+    """
+    kept = await kept_for_waiters(c, s, w1, w2, w4, nw1, nw2, nnonproc, nfar)
+    assert kept == imminent
+
+
+@pytest.mark.parametrize("nw1,nw2,nnonproc,nfar,imminent,each", FAR_WAITERS)
+@gen_cluster(
+    client=True,
+    nthreads=[("", 1)] * 4,
+    config=amm_config(**{"reduce-replicas.unassigned-waiters": "each"}),
+)
+async def test_far_waiters_each(
+    c, s, w1, w2, w3, w4, nw1, nw2, nnonproc, nfar, imminent, each
+):
+    """Under "each" (distributed's rule), the far dependents each count as a place
+    like the others
+    """
+    assert await kept_for_waiters(c, s, w1, w2, w4, nw1, nw2, nnonproc, nfar) == each
 
 
 class KeepTwo(ActiveMemoryManagerPolicy):
