@@ -205,7 +205,20 @@ class Replication:
         if missing:
             return {"status": "partial-fail", "keys": missing}
 
-        if self._set(keys, n, addresses) != 1:
+        if self._set(keys, n, addresses) == 1:
+            if addresses is not None:
+                # distributed's "send to one of specific workers": untracked, that
+                # is a one-off copy, which distributed's own method makes (and logs)
+                return await Scheduler.replicate(  # type: ignore[no-any-return]
+                    self.scheduler,
+                    keys=keys,
+                    n=1,
+                    workers=sorted(addresses),
+                    branching_factor=branching_factor,
+                    delete=False,
+                    stimulus_id=stimulus_id,
+                )
+        else:
             await self.wait(keys)
         # distributed's event, which dashboards and tests read
         self.scheduler.log_event(
@@ -373,10 +386,14 @@ class ReplicationClient:
         self._client = client
 
     def replicate(
-        self, futures: Any, n: int | str, *, workers: Iterable[str] | None = None
+        self,
+        futures: Any,
+        n: int | str,
+        *,
+        workers: Iterable[str] | str | None = None,
     ) -> Any:
         """Keep ``n`` replicas of each key (``"all"``: one on every running worker),
-        on ``workers`` only if given (addresses, names or host names).
+        on ``workers`` only if given (addresses, names or host names, or one of them).
         """
         if isinstance(futures, Iterator):
             futures = list(futures)  # read twice below
@@ -384,7 +401,11 @@ class ReplicationClient:
             self._client.scheduler.amm_replicate,
             keys=keys_of(futures),
             n=n,
-            workers=None if workers is None else list(workers),
+            workers=(
+                None
+                if workers is None
+                else [workers] if isinstance(workers, str) else list(workers)
+            ),
             grace=GRACE if _has_futures(futures) else 0,
         )
 

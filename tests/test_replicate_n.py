@@ -157,6 +157,30 @@ async def test_workers_restriction(c, s, a, b, d, e):
     assert e.address not in holders(s, "x")
 
 
+@gen_cluster(client=True, nthreads=[("", 1)] * 2, config=config())
+async def test_client_replicate_one_copy_on_given_workers(c, s, a, b):
+    """n=1 with workers is distributed's "send to one of specific workers": a
+    one-off copy there, tracked by nothing
+    """
+    replication(s)
+    x = (await c.scatter({"x": 1}, workers=[a.address]))["x"]
+    await c.replicate([x], n=1, workers=[b.address])
+    assert b.address in holders(s, "x")
+    assert await ReplicationClient(c).tracked() == []
+
+
+@gen_cluster(client=True, nthreads=[("", 1)] * 3, config=config())
+async def test_replication_client_workers_as_one_address(c, s, a, b, d):
+    """workers= may be one address, as the scheduler side accepts, not split into
+    its characters
+    """
+    replication(s)
+    x = (await c.scatter({"x": 1}, workers=[a.address]))["x"]
+    await ReplicationClient(c).replicate(x, "all", workers=b.address)
+    (entry,) = await ReplicationClient(c).tracked()
+    assert entry["workers"] == [b.address]
+
+
 # -- worker loss -----------------------------------------------------------------
 
 
