@@ -26,6 +26,7 @@ import logging
 import reprlib
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Set
+from numbers import Integral
 from time import perf_counter
 from typing import Any
 
@@ -306,7 +307,7 @@ class Cycle:
         if type(raw) is Suggestion or type(raw) is tuple and len(raw) == 3:
             op, ts, candidates = raw
             if (
-                op in _OPS
+                (op == "drop" or op == "replicate")  # an unhashable op is no error
                 and type(ts) is TaskState
                 and self._tasks.get(ts.key) is ts
                 and (
@@ -324,7 +325,7 @@ class Cycle:
                 )
             raw = Suggestion(*raw)
         op, ts, candidates = raw
-        if op not in _OPS:
+        if not isinstance(op, str) or op not in _OPS:
             raise InvalidSuggestion(
                 f"yielded op {reprlib.repr(op)}; expected 'replicate' or 'drop'"
             )
@@ -351,7 +352,13 @@ class Cycle:
                     f"yielded candidates {reprlib.repr(candidates)}; "
                     "expected a set of WorkerState or None"
                 )
-            candidates = set(candidates)
+            try:
+                candidates = set(candidates)
+            except TypeError:
+                raise InvalidSuggestion(
+                    f"yielded candidates {reprlib.repr(candidates)}; "
+                    "expected a set of WorkerState or None"
+                ) from None
         workers = self.scheduler.workers
         for ws in candidates:
             if not isinstance(ws, WorkerState) or (
@@ -734,7 +741,8 @@ def desired_replicas_of(
     (the common case: every key desires 1, and the cycle skips the question). The
     policies that protect keys are found once per cycle.
 
-    A protector that raises is left out from then on, and reported through
+    A protector that raises, or returns something other than an integer (a
+    forgotten ``return`` gives None), is left out from then on, and reported through
     ``on_error``: like a policy that fails, it must not stop the others, and the
     replicas it would have kept are never the last ones (that rule does not depend
     on it).
@@ -748,6 +756,11 @@ def desired_replicas_of(
         for policy in protectors:
             try:
                 n = policy.desired_replicas(ts)
+                if type(n) is not int and not isinstance(n, Integral):
+                    raise TypeError(
+                        f"desired_replicas({ts.key!r}) returned {n!r}; "
+                        "expected an int"
+                    )
             except Exception:
                 protectors.remove(policy)
                 (on_error or _log_protector_failed)(policy, ts)

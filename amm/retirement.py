@@ -418,6 +418,11 @@ def _kick(amm: Any) -> None:
         # Only possible with a manager that can't start a cycle while one is in
         # progress: the next cycle picks the new policies up.
         logger.debug("AMM cycle in progress; retirement starts at the next one")
+    except Exception:
+        # The retirement is under way and tracked: the periodic cycles go on with
+        # it, and its timeout puts the worker back if they can't. Raising here
+        # would leave the worker retiring with nobody waiting for it.
+        logger.exception("AMM cycle failed as a retirement started")
 
 
 def validate_config() -> None:

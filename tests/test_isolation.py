@@ -92,6 +92,10 @@ BAD = [
     pytest.param(forgotten_task, "key 'x', unknown to the scheduler", id="stale-task"),
     pytest.param(stale_worker, "not a worker of this scheduler", id="stale-worker"),
     pytest.param(lambda s: ("drop", s.tasks["x"], 42), "expected a set", id="bad-candidates"),
+    pytest.param(lambda s: (["drop"], s.tasks["x"], None), "op ['drop']", id="unhashable-op"),
+    pytest.param(
+        lambda s: ("drop", s.tasks["x"], [[1]]), "expected a set", id="unhashable-candidates"
+    ),
 ]
 
 
@@ -189,6 +193,34 @@ def test_raising_protector_is_isolated(cluster):
     assert len(s.tasks["x"].who_has) == 3  # still protected by ProtectsX
     assert len(s.tasks["y"].who_has) == 1
     assert [keys for _, _, keys in recorder.pop()] == [["y"], ["y"]]
+
+
+class ProtectorForgetsToReturn(ActiveMemoryManagerPolicy):
+    def run(self):
+        return ()
+
+    def desired_replicas(self, ts):
+        if ts.key == "x":
+            return 3
+        # and None for the others
+
+
+@pytest.mark.parametrize("drop_first", [True, False], ids=["drops-first", "protector-first"])
+def test_protector_returning_none_is_isolated(cluster, drop_first):
+    """desired_replicas() returning None (a forgotten return) is a failure of that
+    protector, named in the log; the drops go on. Compared with the other counts,
+    the None raised a TypeError that blamed the dropping policy or ended the cycle.
+    """
+    s, recorder = cluster
+    bad = ProtectorForgetsToReturn()
+    policies = [DropAll(), bad] if drop_first else [bad, DropAll()]
+    with captured_logger("distributed.active_memory_manager", logging.ERROR) as log:
+        m = run(s, *policies)
+    text = log.getvalue()
+    assert f"Policy {bad!r} raised in desired_replicas" in text
+    assert "returned None; expected an int" in text
+    assert m.stats.total.policy_errors == 1
+    assert len(s.tasks["y"].who_has) == 1
 
 
 def test_non_generator_iterables_are_accepted(cluster):

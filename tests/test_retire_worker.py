@@ -848,3 +848,33 @@ async def test_paused_worker_without_nanny_is_only_logged(c, s, a, b):
     assert "x" in a.data
     assert not retire_events(s)
     assert await c.gather(x) == {"x": 1}
+
+
+@gen_cluster(client=True, config=RUNNING)
+async def test_a_cycle_failing_as_a_retirement_starts_does_not_strand_the_worker(
+    c, s, a, b
+):
+    """The cycle run as a retirement starts fails (an error in the manager, not in
+    a policy, which would be isolated): the retirement goes on with the periodic
+    cycles. Raised, the error left the worker closing_gracefully with nobody
+    waiting for it.
+    """
+    x = await c.scatter({"x": 1}, workers=[a.address])  # noqa: F841
+    m = s.extensions["amm"]
+    run_once = m.run_once
+    failed = []
+
+    def fails_once():
+        if not failed:
+            failed.append(True)
+            raise ZeroDivisionError("a bug in the manager")
+        run_once()
+
+    m.run_once = fails_once
+    with captured_logger("distributed.active_memory_manager", logging.ERROR) as log:
+        out = await c.retire_workers([a.address])
+    assert failed
+    assert "AMM cycle failed as a retirement started" in log.getvalue()
+    assert a.address in out
+    assert a.address not in s.workers
+    assert s.tasks["x"].who_has == {s.workers[b.address]}
