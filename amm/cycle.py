@@ -307,7 +307,7 @@ class Cycle:
         if type(raw) is Suggestion or type(raw) is tuple and len(raw) == 3:
             op, ts, candidates = raw
             if (
-                (op == "drop" or op == "replicate")  # an unhashable op is no error
+                op in _OPS
                 and type(ts) is TaskState
                 and self._tasks.get(ts.key) is ts
                 and (
@@ -325,7 +325,7 @@ class Cycle:
                 )
             raw = Suggestion(*raw)
         op, ts, candidates = raw
-        if not isinstance(op, str) or op not in _OPS:
+        if op not in _OPS:
             raise InvalidSuggestion(
                 f"yielded op {reprlib.repr(op)}; expected 'replicate' or 'drop'"
             )
@@ -348,17 +348,11 @@ class Cycle:
             return candidates
         if not isinstance(candidates, Set):
             if not isinstance(candidates, (list, tuple)):
-                raise InvalidSuggestion(
-                    f"yielded candidates {reprlib.repr(candidates)}; "
-                    "expected a set of WorkerState or None"
-                )
+                raise _invalid_candidates(candidates)
             try:
                 candidates = set(candidates)
-            except TypeError:
-                raise InvalidSuggestion(
-                    f"yielded candidates {reprlib.repr(candidates)}; "
-                    "expected a set of WorkerState or None"
-                ) from None
+            except TypeError:  # unhashable items
+                raise _invalid_candidates(candidates) from None
         workers = self.scheduler.workers
         for ws in candidates:
             if not isinstance(ws, WorkerState) or (
@@ -730,7 +724,16 @@ class Cycle:
 
 
 _EMPTY: frozenset[Any] = frozenset()
-_OPS = frozenset({"replicate", "drop"})
+#: A tuple, not a set: membership by equality, so an op a policy got wrong, even
+#: an unhashable one, is simply not among them
+_OPS = ("replicate", "drop")
+
+
+def _invalid_candidates(candidates: Any) -> InvalidSuggestion:
+    return InvalidSuggestion(
+        f"yielded candidates {reprlib.repr(candidates)}; "
+        "expected a set of WorkerState or None"
+    )
 
 
 def desired_replicas_of(
