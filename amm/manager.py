@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from time import perf_counter
 from typing import Any
@@ -80,6 +80,9 @@ class ActiveMemoryManager:
         self.stats = ManagerStats()
         #: The cycle in progress: running, or suspended between two time slices
         self._cycle: Cycle | None = None
+        #: A full cycle was asked for while a narrower one (run_policies_once) was
+        #: suspended; it runs as soon as that one ends
+        self._full_cycle_wanted = False
         #: Longest time one cycle holds the event loop before resuming later
         self.time_slice = config.parse_duration(*config.setting("time-slice"))
 
@@ -150,6 +153,7 @@ class ActiveMemoryManager:
         pc = self.scheduler.periodic_callbacks.pop(self._callback_name, None)
         if pc:
             pc.stop()
+        self._full_cycle_wanted = False
         cycle = self._cycle
         if cycle is not None and cycle.suspended:
             self._cycle = None
@@ -227,11 +231,17 @@ class ActiveMemoryManager:
         return self._begin(policies)
 
     def _begin(self, policies: Iterable[_DistributedPolicy]) -> bool:
-        if self._cycle is not None:
-            if self._cycle.suspended:
-                logger.debug("Active Memory Manager cycle still in progress; skipped")
-                return False
-            raise RuntimeError("AMM cycle started from within a running cycle")
+        cycle = self._cycle
+        if cycle is not None:
+            if not cycle.suspended:
+                raise RuntimeError("AMM cycle started from within a running cycle")
+            if policies is self.policies and cycle.policies is not self.policies:
+                # A narrow cycle (an eager pass) does not run the manager's policies,
+                # nor one added meanwhile (a retirement starting): run them all
+                # once it ends, rather than up to an interval later.
+                self._full_cycle_wanted = True
+            logger.debug("Active Memory Manager cycle still in progress; skipped")
+            return False
         protectors = [p for p in self.policies if _protects_keys(p)]
         self._cycle = Cycle(self.scheduler, self.measure, protectors, policies)
         self._run_slices()
@@ -271,14 +281,35 @@ class ActiveMemoryManager:
                 self._cycle = None
                 self.stats.record(cycle.stats, cycle.seconds, cycle.slices)
                 logger.debug("Active Memory Manager run in %.0fms", cycle.seconds * 1000)
+                if self._full_cycle_wanted:
+                    self._full_cycle_wanted = False
+                    self._call_soon(self._run_full_cycle)
                 return
             cycle.suspend()
-            try:
-                loop = asyncio.get_running_loop()
-            except RuntimeError:
+            if not self._call_soon(self._resume):
                 continue
-            loop.call_soon(self._resume)
             return
+
+    @staticmethod
+    def _call_soon(callback: Callable[[], None]) -> bool:
+        """Run ``callback`` on the next turn of the event loop, after what the
+        scheduler has waiting. Returns False, doing nothing, without a running
+        loop (a synthetic scheduler in a benchmark or test).
+        """
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return False
+        loop.call_soon(callback)
+        return True
+
+    def _run_full_cycle(self) -> None:
+        if self.scheduler.status in (Status.closing, Status.closed):
+            return
+        try:
+            self.run_once()
+        except Exception:
+            logger.exception("Active Memory Manager cycle failed")
 
     def _resume(self) -> None:
         if self._cycle is None:

@@ -116,3 +116,32 @@ def test_eager_config_errors():
     with dask.config.set({"amm.reduce-replicas.eager": "sometimes"}):
         with pytest.raises(AMMConfigError, match="amm.reduce-replicas.eager='sometimes'"):
             amm_config_module.eager_reduction()
+
+
+@gen_cluster(
+    client=True,
+    nthreads=[("", 1)] * 3,
+    config=amm_config(start=True, interval="1h", **{"retire.timeout": "3s"}),
+    timeout=30,
+)
+async def test_retirement_starting_during_a_suspended_eager_pass(c, s, a, b, w3):
+    """An eager pass runs its own ReduceReplicas only. A retirement starting while
+    it is suspended between two slices runs once it ends, not at the next periodic
+    cycle (an hour here, far past the retirement's timeout)
+    """
+    from amm import ReduceReplicas
+
+    keys = [f"x{i}" for i in range(300)]
+    xs = await c.scatter(dict(zip(keys, range(300))), broadcast=True)  # noqa: F841
+    u = await c.scatter({"u": 1}, workers=[a.address])
+    m = s.extensions["amm"]
+    m.time_slice = 0  # one suggestion or so per slice: the pass stays suspended
+    m.run_policies_once([ReduceReplicas(keys=[s.tasks[k] for k in keys])])
+    assert m.cycle_in_progress
+    retiring = asyncio.ensure_future(s.retire_workers(workers=[a.address]))
+    while m.cycle_in_progress:
+        await asyncio.sleep(0)
+    m.time_slice = 0.1
+    assert a.address in await retiring
+    assert await c.gather(u["u"]) == 1
+
