@@ -92,7 +92,9 @@ class ReduceReplicas(ActiveMemoryManagerPolicy, _DistributedReduceReplicas):
         )
 
     def __repr__(self) -> str:
-        args = [] if self.keys is None else [f"<{len(self.keys)} keys>"]
+        # Not the number of keys: the statistics count accepted suggestions by
+        # repr, and would gain an entry for every batch size of the eager passes
+        args = [] if self.keys is None else ["keys=..."]
         if self.unassigned_waiters != DEFAULT_UNASSIGNED_WAITERS:
             args.append(f"unassigned_waiters={self.unassigned_waiters!r}")
         return f"ReduceReplicas({', '.join(args)})"

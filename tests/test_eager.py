@@ -145,3 +145,19 @@ async def test_retirement_starting_during_a_suspended_eager_pass(c, s, a, b, w3)
     assert a.address in await retiring
     assert await c.gather(u["u"]) == 1
 
+
+@gen_cluster(client=True, config=amm_config(**SLOW))
+async def test_eager_passes_count_under_one_name(c, s, a, b):
+    """Each pass covers another number of keys; the statistics name them all
+    alike, or they would grow by an entry per batch size for good
+    """
+    for n in range(1, 6):
+        xs = c.map(inc, range(n), key=[f"x{n}-{i}" for i in range(n)], workers=[a.address])
+        ys = c.map(inc, xs, key=[f"y{n}-{i}" for i in range(n)], workers=[b.address])
+        await c.gather(ys)
+        await async_poll_for(
+            lambda: all(len(s.tasks[x.key].who_has) == 1 for x in xs), timeout=5
+        )
+    by_policy = s.extensions["amm"].statistics()["by_policy"]
+    assert len(by_policy) == 1, by_policy
+    assert sum(by_policy.values()) == 15
