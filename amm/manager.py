@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Set
 from contextlib import contextmanager
 from time import perf_counter
 from typing import Any
@@ -188,6 +188,36 @@ class ActiveMemoryManager:
             else desired_replicas_of([p for p in self.policies if _protects_keys(p)])
         )
         return 1 if desired is None else desired(ts)
+
+    def restricted_to(self, ts: TaskState) -> Set[WorkerState] | None:
+        """The workers ``ts`` may live on, by every policy's
+        :meth:`ActiveMemoryManagerPolicy.restricted_to`: the workers all the
+        restricting policies allow, or None if none restricts it. A policy that
+        raises, or answers something other than a set, is reported and not
+        counted, as a failing ``desired_replicas``.
+        """
+        allowed: Set[WorkerState] | None = None
+        for policy in self.policies:
+            if not _overrides(policy, "restricted_to"):
+                continue
+            try:
+                workers = policy.restricted_to(ts)  # type: ignore[attr-defined]
+                if workers is not None and not isinstance(workers, Set):
+                    raise TypeError(
+                        f"restricted_to({ts.key!r}) returned {workers!r}; "
+                        "expected a set of WorkerState or None"
+                    )
+            except Exception:
+                logger.error(
+                    "Policy %r raised in restricted_to(%r); ignored",
+                    policy,
+                    ts.key,
+                    exc_info=True,
+                )
+                continue
+            if workers is not None:
+                allowed = workers if allowed is None else allowed & workers
+        return allowed
 
     # -- the cycle ---------------------------------------------------------------
 
@@ -378,11 +408,16 @@ class ActiveMemoryManager:
 
 def _protects_keys(policy: object) -> bool:
     """Whether the policy overrides the desired-replicas hook"""
-    return (
-        isinstance(policy, ActiveMemoryManagerPolicy)
-        and type(policy).desired_replicas
-        is not ActiveMemoryManagerPolicy.desired_replicas
-    )
+    return _overrides(policy, "desired_replicas")
+
+
+def _overrides(policy: object, hook: str) -> bool:
+    """Whether the policy implements one of this project's hooks: the others
+    (distributed's policies) are skipped without calling anything
+    """
+    return isinstance(policy, ActiveMemoryManagerPolicy) and getattr(
+        type(policy), hook
+    ) is not getattr(ActiveMemoryManagerPolicy, hook)
 
 
 @contextmanager

@@ -9,14 +9,14 @@ what ReduceReplicas spends per suggestion.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, MutableSet
+from collections.abc import Iterable, Iterator, MutableSet, Set
 from typing import TYPE_CHECKING, Any
 
 from distributed.active_memory_manager import (
     ActiveMemoryManagerPolicy as _DistributedPolicy,
 )
 from distributed.active_memory_manager import Suggestion, SuggestionGenerator
-from distributed.scheduler import TaskState
+from distributed.scheduler import TaskState, WorkerState
 
 if TYPE_CHECKING:
     from amm.manager import ActiveMemoryManager
@@ -86,6 +86,17 @@ class ActiveMemoryManagerPolicy(_DistributedPolicy):
         entirely when it asks, so the hook costs nothing unless it is used.
         """
         return 1
+
+    def restricted_to(self, ts: TaskState) -> Set[WorkerState] | None:
+        """The workers ``ts`` must stay on, if this policy restricts where it lives
+        (ReplicateN for a key replicated with ``workers=``); None if it doesn't.
+
+        Policies that move data to balance memory (Rebalance) ask the manager,
+        which combines every policy's answer, and move a restricted key only to one
+        of these workers: otherwise the move and the policy that keeps the key in
+        place would undo each other, cycle after cycle.
+        """
+        return None
 
 
 class PolicySet(MutableSet[_DistributedPolicy]):

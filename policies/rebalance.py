@@ -142,7 +142,9 @@ class Rebalance(ActiveMemoryManagerPolicy):
     **What moves.** Only keys held by the sender alone: a key with more replicas is
     either surplus, and ReduceReplicas drops it (from the most loaded holder, which is
     the sender), or deliberately replicated. Never actors, keys another policy acts on
-    in this cycle, or keys with a dependent processing on the sender. Among the
+    in this cycle, keys with a dependent processing on the sender, or keys a policy
+    restricts to workers other than the recipient (``manager.restricted_to``: a
+    key replicated with ``workers=``). Among the
     others, keys no task waits for come first (moving them can't delay a task), then
     those some task waits for; within each group, the largest first, so that fewer
     keys move for the same bytes. "Largest" is among the sender's oldest movable keys
@@ -553,6 +555,9 @@ class Rebalance(ActiveMemoryManagerPolicy):
                 rec = rec_heap[0][2]
                 if rec.memory + nbytes > rec.bound:
                     continue
+                allowed = self.manager.restricted_to(ts)
+                if allowed is not None and rec.ws not in allowed:
+                    continue  # another policy keeps it on other workers
                 choice = yield Suggestion("replicate", ts, rec.singleton)
                 if choice is None:
                     # The manager refused the recipient; don't insist this cycle

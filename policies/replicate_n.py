@@ -211,7 +211,10 @@ class ReplicateN(ActiveMemoryManagerPolicy):
     ``retry_after`` seconds is asked for again.
 
     **Protection.** :meth:`desired_replicas` gives the manager the count below which
-    no policy may drop; copies above it are ReduceReplicas' to drop as usual.
+    no policy may drop; copies above it are ReduceReplicas' to drop as usual. A key
+    tracked with ``workers=`` stays on them: this policy drops its copies elsewhere
+    once they hold theirs, and :meth:`restricted_to` keeps balancing policies from
+    moving it away.
 
     Parameters
     ----------
@@ -273,6 +276,9 @@ class ReplicateN(ActiveMemoryManagerPolicy):
         self._audit_at = 0
         #: The running workers when the due keys were last all re-read
         self._running_seen: frozenset[WorkerState] = frozenset()
+        #: The task whose copies outside its workers this policy is dropping right
+        #: now; see desired_replicas
+        self._dropping: TaskState | None = None
         self.last_run = 0.0
 
     def __repr__(self) -> str:
@@ -395,10 +401,12 @@ class ReplicateN(ActiveMemoryManagerPolicy):
         """The replicas of ``ts`` no policy may drop below.
 
         For a key restricted to ``workers``, running replicas outside them are
-        added to the count, so that the manager cannot meet it by dropping a replica
-        inside them. Replicas on paused or retiring workers are not: the manager
-        drops those first, which frees the workers that most need it; except those
-        it can't drop, see :meth:`_pinned`.
+        added to the count, so that no other policy can meet it by dropping a
+        replica inside them; this policy drops those outside itself, once the
+        workers hold what they should (see :meth:`_drop_outside`). Replicas on
+        paused or retiring workers are not: the manager drops those first, which
+        frees the workers that most need it; except those it can't drop, see
+        :meth:`_pinned`.
         """
         running = self.manager.scheduler.running
         target = self._tracked.get(ts.key)
@@ -414,10 +422,20 @@ class ReplicateN(ActiveMemoryManagerPolicy):
             goal = len(running) if n == ALL else n  # type: ignore[assignment]
         else:
             pool, _, goal = self._count(target)
-            goal += sum(
-                1 for ws in ts.who_has or () if ws in running and ws not in pool
-            )
+            if ts is not self._dropping:
+                goal += sum(
+                    1 for ws in ts.who_has or () if ws in running and ws not in pool
+                )
         return goal + self._pinned(ts)
+
+    def restricted_to(self, ts: TaskState) -> Set[WorkerState] | None:
+        """The running workers a key tracked with ``workers=`` may use; None for
+        the others
+        """
+        target = self._tracked.get(ts.key)
+        if target is None or target.ts is not ts or target.workers is None:
+            return None
+        return self._count(target)[0]
 
     def _pinned(self, ts: TaskState) -> int:
         """Replicas of ``ts`` on paused or retiring workers where a dependent of
@@ -488,6 +506,9 @@ class ReplicateN(ActiveMemoryManagerPolicy):
                 missing -= len(entry[0])  # another policy already asked for copies
             if missing <= 0:
                 due.pop(key, None)
+                if target.workers is not None and have >= max(1, min(goal, len(pool))):
+                    # the workers hold what they should: copies elsewhere may go
+                    yield from self._drop_outside(target)
                 continue
 
             candidates = self._candidates(target, pool, open_)
@@ -537,6 +558,31 @@ class ReplicateN(ActiveMemoryManagerPolicy):
             logger.debug(
                 "ReplicateN: Replicating %d missing replicas of %d tasks", nrepl, nkeys
             )
+
+    def _drop_outside(self, target: Target) -> SuggestionGenerator:
+        """Drop the copies of a key tracked with ``workers=`` held by other workers
+        (the one it was computed or scattered on, one a balancing policy moved it
+        to), once the workers it is restricted to hold it: they are wanted by
+        nobody, and :meth:`desired_replicas` counts them so that no other policy
+        drops a copy inside instead. The manager still keeps a copy a processing
+        dependent is reading.
+        """
+        ts = target.ts
+        outside = {ws for ws in ts.who_has or () if ws.address not in target.workers}
+        while outside:
+            self._dropping = ts
+            try:
+                ws = yield ("drop", ts, outside)
+            finally:
+                self._dropping = None
+            if ws is None:
+                return
+            task_logger.debug(
+                "ReplicateN: dropping %r from %s, outside its workers", ts.key, ws
+            )
+            outside.discard(ws)
+            if self._tracked.get(ts.key) is not target:
+                return  # untracked, or set anew, while this policy was suspended
 
     # -- internals ---------------------------------------------------------------
 
@@ -608,6 +654,8 @@ class ReplicateN(ActiveMemoryManagerPolicy):
             for ws, deadline in list(target.inflight.items()):
                 if ws in who_has:
                     del target.inflight[ws]
+                    if target.workers is not None:
+                        due[key] = None  # copies outside its workers may go now
                 elif ws.status != Status.running or deadline <= now:
                     # Gone, or paused or retiring: such a worker does not fetch, so
                     # waiting until retry_after would hold back a replacement on a

@@ -223,6 +223,44 @@ def test_protector_returning_none_is_isolated(cluster, drop_first):
     assert len(s.tasks["y"].who_has) == 1
 
 
+class Restricts(ActiveMemoryManagerPolicy):
+    def __init__(self, answer):
+        self.answer = answer
+
+    def __repr__(self):
+        return "Restricts()"
+
+    def run(self):
+        return ()
+
+    def restricted_to(self, ts):
+        return self.answer(list(self.manager.scheduler.workers.values()))
+
+
+def test_restrictions_combine_and_a_failing_one_is_left_out(cluster):
+    """A key may live where every restricting policy allows; one that raises, or
+    answers something other than a set, restricts nothing and is logged by name
+    """
+    s, _ = cluster
+    w0, w1, w2 = s.workers.values()
+    x = s.tasks["x"]
+    m = run(s, Restricts(lambda ws: {ws[0], ws[1]}), Restricts(lambda ws: {ws[1], ws[2]}))
+    assert m.restricted_to(x) == {w1}
+    assert run(s).restricted_to(x) is None  # nobody restricts it
+    with captured_logger("distributed.active_memory_manager", logging.ERROR) as log:
+        m = run(
+            s,
+            Restricts(lambda ws: 1 / 0),
+            Restricts(lambda ws: [ws[0]]),
+            Restricts(lambda ws: {ws[2]}),
+        )
+        assert m.restricted_to(x) == {w2}
+    text = log.getvalue()
+    assert text.count("Policy Restricts() raised in restricted_to('x')") == 2
+    assert "ZeroDivisionError" in text
+    assert "expected a set of WorkerState or None" in text
+
+
 def test_non_generator_iterables_are_accepted(cluster):
     s, recorder = cluster
 

@@ -677,3 +677,28 @@ async def test_sheds_before_spilling(c, s, a, b, w, relief):
         assert spilled > 0
         assert moved == 0
     assert len(await c.gather(list(futs.values()))) == 40
+
+
+@gen_cluster(
+    client=True,
+    nthreads=[("", 1)] * 3,
+    worker_kwargs=LIMIT,
+    config={**rebalance_config(), "amm.replicate.serve-client-replicate": True},
+)
+async def test_keys_restricted_to_workers_stay_there(c, s, a, b, d):
+    """scatter(workers=[a], broadcast=True) keeps the keys on a ("all" of [a]):
+    moving them would make a second copy that ReplicateN drops again, for good
+    """
+    pinned = await c.scatter(
+        {f"x-{i}": b"\0" * MiB for i in range(30)}, workers=[a.address], broadcast=True
+    )
+    free = await scatter_to(c, a, 30, MiB, prefix="y")
+    await settle(c, s)
+    assert all(holders(s, k) == {a.address} for k in pinned)
+    # the rest of a's data did move, and nothing has a second copy
+    assert any(a.address not in holders(s, k) for k in free)
+    assert all(len(holders(s, k)) == 1 for k in free)
+
+
+def holders(s, key) -> set[str]:
+    return {ws.address for ws in s.tasks[key].who_has or ()}

@@ -152,9 +152,34 @@ async def test_workers_restriction(c, s, a, b, d, e):
     assert holders(s, "x") >= {b.address, d.address}
     assert e.address not in holders(s, "x")
     await cycles(s, 5)
-    # a's copy is outside the workers: ReduceReplicas may drop it, not the others
-    assert holders(s, "x") >= {b.address, d.address}
-    assert e.address not in holders(s, "x")
+    # a's copy is outside the workers: wanted by nobody, it goes; not the others
+    assert holders(s, "x") == {b.address, d.address}
+
+
+@gen_cluster(client=True, nthreads=[("", 1)] * 3, config=config(policies=[]))
+async def test_copies_outside_the_workers_dropped_without_reduce_replicas(c, s, a, b, d):
+    """ReplicateN drops them itself: the count it protects includes them, so no
+    other policy could, and a replica kept for a running dependent stays
+    """
+    replication(s)
+    m = s.extensions["amm"]
+    assert not m.policies
+    ev = Event()
+    x = (await c.scatter({"x": 1}, workers=[a.address]))["x"]
+    z = c.submit(lambda x, ev: ev.wait(), x, ev, key="z", workers=[a.address])
+    await async_poll_for(
+        lambda: "z" in s.tasks and s.tasks["z"].state == "processing", timeout=5
+    )
+    await c.replicate([x], n=2, workers=[b.address, d.address])
+    assert holders(s, "x") == {a.address, b.address, d.address}
+    for _ in range(3):
+        await c.amm.run_once()
+    assert holders(s, "x") == {a.address, b.address, d.address}  # z reads a's copy
+    await ev.set()
+    await z
+    await c.amm.run_once()
+    await async_poll_for(lambda: holders(s, "x") == {b.address, d.address}, timeout=5)
+    assert await c.gather(x) == 1
 
 
 @gen_cluster(client=True, nthreads=[("", 1)] * 2, config=config())
