@@ -147,6 +147,9 @@ class Replication:
         """
         keys = list(keys)
         addresses = self._resolve_workers(workers)
+        if addresses is not None and not addresses and n != 1:
+            # tracked, the keys would wait for a worker that can never exist
+            raise ValueError("workers is empty: no worker to replicate to")
         tasks = self.scheduler.tasks
         deadline = monotonic() + grace
         while monotonic() < deadline and not all(k in tasks for k in keys):
