@@ -33,6 +33,7 @@ from distributed.scheduler import Scheduler
 from amm import config
 from amm.logs import logger
 from amm.manager import ActiveMemoryManager
+from amm.policy import ActiveMemoryManagerPolicy, SuggestionGenerator
 from amm.policies.replicate_n import (
     ALL,
     ReplicateN,
@@ -46,9 +47,32 @@ __all__ = ["Replication", "ReplicationClient", "install_replication"]
 #: time between two cycles that waiting callers trigger, whatever their number.
 POLL = 0.05
 
+#: The first check comes this soon, and the wait grows by half each time up to
+#: POLL: a small key is copied in a few milliseconds, and a caller that scatters
+#: with broadcast=True in a loop (as it may under distributed, whose replicate
+#: awaits the transfers themselves) waited a whole POLL for each key
+FIRST_POLL = 0.001
+
 #: Seconds the scheduler waits for the tasks of a client's futures to arrive, see
 #: :meth:`Replication.replicate_keys`
 GRACE = 2.0
+
+
+class _ReplicateNow(ActiveMemoryManagerPolicy):
+    """The manager's ReplicateN, run on demand without its rolling audit"""
+
+    resumable = True
+
+    def __init__(self, policy: ReplicateN):
+        self.policy = policy
+        #: in the statistics, what it accepts is the policy's
+        self.counted_as = policy
+
+    def __repr__(self) -> str:
+        return f"{self.policy!r} (on demand)"
+
+    def run(self) -> SuggestionGenerator:
+        return self.policy.run(audit=False)
 
 
 def install_replication(scheduler: Scheduler, manager: ActiveMemoryManager) -> Replication:
@@ -260,14 +284,22 @@ class Replication:
     # -- waiting -------------------------------------------------------------------
 
     def kick(self, force: bool = False) -> None:
-        """Run a cycle now, unless one ran less than :data:`POLL` seconds ago (or
+        """Run ReplicateN now, unless it ran less than :data:`POLL` seconds ago (or
         ``force``). A cycle already in progress is not disturbed.
+
+        Only ReplicateN, and only over the keys that need work (see
+        :class:`_ReplicateNow`): a caller that scatters with ``broadcast=True`` in
+        a loop makes a cycle per call, and one of every policy costs what all the
+        replicated keys cost ReduceReplicas and the audit, so the loop was
+        quadratic. Nor does a user who stopped the AMM get other policies run.
         """
         policy = self.current()
-        if not force and policy is not None and monotonic() - policy.last_run < POLL:
+        if policy is None:
+            return  # nothing tracked
+        if not force and monotonic() - policy.last_run < POLL:
             return
         try:
-            self.manager.run_once()
+            self.manager.run_policies_once([_ReplicateNow(policy)])
         except RuntimeError:
             # a cycle is in progress (suspended between two event-loop turns): our
             # keys are handled by it or by the next one
@@ -287,6 +319,7 @@ class Replication:
         manager = self.manager
         remaining = keys
         self.kick(force=True)
+        poll = FIRST_POLL
         while True:
             remaining = [k for k in remaining if not policy.reached(k)]
             if not remaining:
@@ -305,7 +338,8 @@ class Replication:
                 return
             if not any(policy.in_flight(k) for k in remaining):
                 self.kick()
-            await asyncio.sleep(POLL)
+            await asyncio.sleep(poll)
+            poll = min(poll * 1.5, POLL)
 
     # -- internals -----------------------------------------------------------------
 

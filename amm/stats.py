@@ -25,6 +25,9 @@ class CycleStats:
     by_class: Counter[str] = field(default_factory=Counter)
 
     def count_policy(self, policy: object, accepted: int) -> None:
+        # a policy run on another's behalf (a ReplicateN run on demand) is
+        # counted as that one
+        policy = getattr(policy, "counted_as", policy)
         if accepted:
             self.by_policy[repr(policy)] += accepted
             self.by_class[type(policy).__name__] += accepted

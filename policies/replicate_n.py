@@ -282,7 +282,9 @@ class ReplicateN(ActiveMemoryManagerPolicy):
         self.last_run = 0.0
 
     def __repr__(self) -> str:
-        return f"ReplicateN({len(self._tracked)} keys)"
+        # Not the number of keys: the statistics count accepted suggestions by
+        # repr, and would gain an entry for every number of keys ever tracked
+        return "ReplicateN()"
 
     # -- the API used by amm.replication -----------------------------------------
 
@@ -459,7 +461,11 @@ class ReplicateN(ActiveMemoryManagerPolicy):
 
     # -- the cycle ---------------------------------------------------------------
 
-    def run(self) -> SuggestionGenerator:
+    def run(self, audit: bool = True) -> SuggestionGenerator:
+        """One cycle. ``audit=False`` leaves the rolling audit for the next one:
+        for a cycle run on demand, to make the copies a caller waits for, whose
+        cost must not grow with the keys tracked already.
+        """
         manager = self.manager
         scheduler = manager.scheduler
         now = self.last_run = monotonic()
@@ -467,7 +473,7 @@ class ReplicateN(ActiveMemoryManagerPolicy):
         load = yield from self._settle_inflight()
         if not self._tracked:
             return
-        visit = self._keys_to_visit()
+        visit = self._keys_to_visit(audit)
 
         # Recipients that can take no more in this cycle, and, once there is any,
         # the running workers that still can. Both only shrink during the run, so
@@ -672,7 +678,7 @@ class ReplicateN(ActiveMemoryManagerPolicy):
                 self._with_inflight.discard(key)
         return load
 
-    def _keys_to_visit(self) -> list[Key]:
+    def _keys_to_visit(self, audit: bool = True) -> list[Key]:
         """The keys this cycle visits: the due ones, plus the next stretch of the
         rolling audit; or every key, if the running workers changed since the last
         cycle. Visiting a key that needs nothing costs a few microseconds; what
@@ -686,6 +692,8 @@ class ReplicateN(ActiveMemoryManagerPolicy):
             # restarted at the same address counts as a change.
             self._running_seen = frozenset(running)
             self._due = dict.fromkeys(self._tracked)
+            return list(self._due)
+        if not audit:
             return list(self._due)
         if self._audit_at >= len(self._audit):
             self._audit = list(self._tracked)

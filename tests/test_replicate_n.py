@@ -803,3 +803,24 @@ def test_benchmark_quick(tmp_path):
     md = (tmp_path / "replicate.md").read_text()
     assert md.startswith("|") or "| manager |" in md
     assert not math.isnan(ours["seconds_to_n"])
+
+
+@gen_cluster(client=True, nthreads=[("", 1)] * 3, config=config())
+async def test_replication_on_demand_runs_replicate_n_alone(c, s, a, b, d):
+    """client.replicate / scatter(broadcast=True) run ReplicateN right away, even
+    with the AMM stopped; not ReduceReplicas: a user who stopped the AMM gets
+    nothing dropped, and a loop of broadcasts does not pay, at every call, for
+    every replicated key
+    """
+    m = s.extensions["amm"]
+    assert not m.running
+    extra = await c.scatter({"extra": 1}, workers=[a.address])
+    await c.replicate(list(extra.values()), n=1, workers=[b.address])  # untracked copy
+    assert holders(s, "extra") == {a.address, b.address}
+    for i in range(3):
+        await c.scatter({f"y{i}": i}, broadcast=True)
+        assert len(holders(s, f"y{i}")) == 3
+    assert holders(s, "extra") == {a.address, b.address}
+    stats = m.statistics()
+    assert stats["by_policy"] == {"ReplicateN()": 6}  # one name, whatever is tracked
+    assert stats["by_class"] == {"ReplicateN": 6}
