@@ -312,7 +312,6 @@ class ActiveMemoryManager:
                 self.stats.record(cycle.stats, cycle.seconds, cycle.slices)
                 logger.debug("Active Memory Manager run in %.0fms", cycle.seconds * 1000)
                 if self._full_cycle_wanted:
-                    self._full_cycle_wanted = False
                     self._call_soon(self._run_full_cycle)
                 return
             cycle.suspend()
@@ -334,6 +333,10 @@ class ActiveMemoryManager:
         return True
 
     def _run_full_cycle(self) -> None:
+        # not wanted any more if the manager was stopped meanwhile
+        if not self._full_cycle_wanted:
+            return
+        self._full_cycle_wanted = False
         if self.scheduler.status in (Status.closing, Status.closed):
             return
         try:

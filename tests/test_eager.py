@@ -11,7 +11,8 @@ import pytest
 from distributed import Event
 from distributed.utils_test import async_poll_for, gen_cluster, inc
 
-from amm import AMMConfigError
+from amm import ActiveMemoryManagerPolicy, AMMConfigError
+from amm.policy import CHECKPOINT
 from amm import config as amm_config_module
 from conftest import amm_config
 
@@ -161,3 +162,54 @@ async def test_eager_passes_count_under_one_name(c, s, a, b):
     by_policy = s.extensions["amm"].statistics()["by_policy"]
     assert len(by_policy) == 1, by_policy
     assert sum(by_policy.values()) == 15
+
+
+class Counts(ActiveMemoryManagerPolicy):
+    def __init__(self):
+        self.runs = 0
+        self.while_stopped = 0
+
+    def __repr__(self):
+        return "Counts()"
+
+    def run(self):
+        self.runs += 1
+        self.while_stopped += not self.manager.running
+        return
+        yield
+
+
+class Slow(ActiveMemoryManagerPolicy):
+    """A narrow pass that suspends once between two slices"""
+
+    resumable = True
+
+    def __repr__(self):
+        return "Slow()"
+
+    def run(self):
+        yield CHECKPOINT
+
+
+@gen_cluster(client=True, config=amm_config(start=True, interval="1h"))
+async def test_no_full_cycle_after_stop(c, s, a, b):
+    """A full cycle deferred behind a narrow pass does not run once the manager
+    is stopped, even if the pass has already ended when stop() comes
+    """
+    m = s.extensions["amm"]
+    counts = Counts()
+    m.add_policy(counts)
+    m.time_slice = 0  # the narrow pass suspends at its CHECKPOINT
+    assert m.run_policies_once([Slow()])
+    assert m.cycle_in_progress
+    m.run_once()  # e.g. the periodic tick: deferred until the pass ends
+    assert counts.runs == 0
+    # On the next turn of the loop the pass ends (queuing the full cycle), and
+    # then, in the same turn, the manager is stopped
+    asyncio.get_running_loop().call_soon(m.stop)
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert not m.cycle_in_progress
+    assert not m.running
+    assert counts.while_stopped == 0, "a full cycle ran after stop()"
+    assert counts.runs == 0
