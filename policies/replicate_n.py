@@ -424,7 +424,10 @@ class ReplicateN(ActiveMemoryManagerPolicy):
             goal = len(running) if n == ALL else n  # type: ignore[assignment]
         else:
             pool, _, goal = self._count(target)
-            if ts is not self._dropping:
+            if ts is self._dropping:
+                # what the pool can hold: fewer than n if fewer of its workers run
+                goal = max(1, min(goal, len(pool)))
+            else:
                 goal += sum(
                     1 for ws in ts.who_has or () if ws in running and ws not in pool
                 )

@@ -798,6 +798,7 @@ def test_benchmark_quick(tmp_path):
         assert run["seconds_to_n"] > 0
         assert 0 <= run["fraction_at_n_after_cycles"] <= 1
         assert 0 <= run["fraction_at_n_after_kill"] <= 1
+        assert run["broadcasts"] == 20 and run["broadcast_seconds"] > 0
     ours = next(r for r in results["runs"] if r["manager"] == "amm")
     assert ours["fraction_at_n_after_cycles"] == 1
     md = (tmp_path / "replicate.md").read_text()
@@ -824,3 +825,52 @@ async def test_replication_on_demand_runs_replicate_n_alone(c, s, a, b, d):
     stats = m.statistics()
     assert stats["by_policy"] == {"ReplicateN()": 6}  # one name, whatever is tracked
     assert stats["by_class"] == {"ReplicateN": 6}
+
+
+# -- copies outside the workers of a restricted key ---------------------------------
+
+
+def _abc_cluster():
+    s = new_scheduler()
+    rec = Recorder(s)
+    a = add_worker(s, "tcp://a:1")
+    b = add_worker(s, "tcp://b:1")
+    c = add_worker(s, "tcp://c:1")
+    return s, rec, a, b, c
+
+
+def _run_cycles(s, rec, m, n=5):
+    for _ in range(n):
+        m.run_once()
+        apply_cycle(s, rec.pop())
+
+
+def test_outside_copy_dropped_when_n_exceeds_the_pool():
+    """replicate(x, n=3, workers=[a, b]): a and b hold x, which is all the pool can
+    hold (reached() says so and Client.replicate returns); c's copy goes
+    """
+    s, rec, a, b, c = _abc_cluster()
+    x = add_task(s, "x", 100, [c])
+    rn = ReplicateN()
+    m = ActiveMemoryManager(s, [ReduceReplicas(), rn], register=False, start=False)
+    rn.set(["x"], 3, frozenset({a.address, b.address}))
+    _run_cycles(s, rec, m)
+    assert rn.reached("x")
+    assert {ws.address for ws in x.who_has} == {a.address, b.address}, x.who_has
+
+
+def test_outside_copy_dropped_while_a_pool_worker_is_paused():
+    """n=2 on [a, b] while b is paused: the pool is {a}; once a holds x, c's copy
+    goes, rather than being asked for and refused at every cycle
+    """
+    s, rec, a, b, c = _abc_cluster()
+    set_status(s, b, Status.paused)
+    x = add_task(s, "x", 100, [c])
+    rn = ReplicateN()
+    m = ActiveMemoryManager(s, [ReduceReplicas(), rn], register=False, start=False)
+    rn.set(["x"], 2, frozenset({a.address, b.address}))
+    _run_cycles(s, rec, m)
+    assert a in x.who_has
+    # the pool is a alone while b is paused: c's copy goes
+    assert {ws.address for ws in x.who_has} == {a.address}, x.who_has
+    assert m.stats.total.drop_rejected == 0
