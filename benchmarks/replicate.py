@@ -10,7 +10,9 @@ with the AMM running every ``--interval``:
 3. wait a few AMM intervals and count the keys that still have 3 replicas
    (distributed's ReduceReplicas drops them again, dask/distributed#8796);
 4. kill the worker process holding the most keys (its nanny starts a new one), wait
-   a few AMM intervals, and count again: ReplicateN makes the lost copies again.
+   a few AMM intervals, and count again: ReplicateN makes the lost copies again;
+5. ``client.scatter({key: small value}, broadcast=True)`` ``--broadcasts`` times in
+   a loop, one call at a time, timed: the latency a replication request adds.
 
 Usage::
 
@@ -110,12 +112,22 @@ def run_one(manager: str, args: argparse.Namespace) -> dict[str, Any]:
         after_kill = fraction_at_n()
         wait(futures)  # lost keys are recomputed; none may be missing
 
+        start = time.perf_counter()
+        scattered = [
+            client.scatter({f"small-{i}": i}, broadcast=True)
+            for i in range(args.broadcasts)
+        ]
+        broadcast_seconds = time.perf_counter() - start
+        del scattered
+
     return {
         "manager": manager,
         "seconds_to_n": seconds,
         "fraction_at_n_after_replicate": after_replicate,
         "fraction_at_n_after_cycles": after_cycles,
         "fraction_at_n_after_kill": after_kill,
+        "broadcasts": args.broadcasts,
+        "broadcast_seconds": broadcast_seconds,
     }
 
 
@@ -128,8 +140,9 @@ def markdown(results: dict[str, Any]) -> str:
         + (" (--quick)" if p["quick"] else ""),
         "",
         "| manager | seconds to n | keys at n after replicate | "
-        f"after {SETTLE_INTERVALS} AMM intervals | after a worker is killed |",
-        "|---|---:|---:|---:|---:|",
+        f"after {SETTLE_INTERVALS} AMM intervals | after a worker is killed | "
+        f"{p['broadcasts']} x scatter(broadcast=True), ms per call |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
     names = {"amm": "amm (ReplicateN)", "distributed": "distributed built-in"}
     for r in results["runs"]:
@@ -137,7 +150,8 @@ def markdown(results: dict[str, Any]) -> str:
             f"| {names[r['manager']]} | {r['seconds_to_n']:.2f} | "
             f"{r['fraction_at_n_after_replicate']:.0%} | "
             f"{r['fraction_at_n_after_cycles']:.0%} | "
-            f"{r['fraction_at_n_after_kill']:.0%} |"
+            f"{r['fraction_at_n_after_kill']:.0%} | "
+            f"{1000 * r['broadcast_seconds'] / max(r['broadcasts'], 1):.1f} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -148,12 +162,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--keys", type=int, default=None, help="default 256 (32 quick)")
     parser.add_argument("--size", default=None, help="bytes per key; 4 MiB (256 KiB quick)")
     parser.add_argument("--workers", type=int, default=4)
+    parser.add_argument(
+        "--broadcasts", type=int, default=None, help="default 500 (20 quick)"
+    )
     parser.add_argument("--interval", default=None, help="AMM interval; 500ms (250ms quick)")
     parser.add_argument("--out", default=RESULTS, help="folder for replicate.{json,md}")
     args = parser.parse_args(argv)
     args.keys = args.keys or (32 if args.quick else 256)
     args.size = parse_bytes(args.size or ("256 KiB" if args.quick else "4 MiB"))
     args.interval = args.interval or ("250ms" if args.quick else "500ms")
+    if args.broadcasts is None:
+        args.broadcasts = 20 if args.quick else 500
     logging.getLogger("distributed").setLevel(logging.ERROR)
 
     runs = [run_one(manager, args) for manager in ("distributed", "amm")]
@@ -164,6 +183,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "workers": args.workers,
             "interval": args.interval,
             "n": N,
+            "broadcasts": args.broadcasts,
             "quick": args.quick,
         },
         "platform": {
