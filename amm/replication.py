@@ -365,6 +365,9 @@ class Replication:
         scheduler = self.scheduler
         out: set[str] = set()
         for w in workers:
+            if w == "":
+                # as a host name it would be part of every address
+                raise ValueError("workers: '' is not a worker of this cluster")
             if w in scheduler.aliases:  # a name, or an address
                 out.add(scheduler.aliases[w])
                 continue

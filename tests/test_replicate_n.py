@@ -515,6 +515,8 @@ async def test_unknown_keys_and_workers(c, s, a, b):
         await rep.replicate(x, 2, workers=[prefix])
     with pytest.raises(ValueError, match="workers is empty: no worker to replicate to"):
         await rep.replicate(x, 2, workers=[])
+    with pytest.raises(ValueError, match="workers: '' is not a worker"):
+        await rep.replicate(x, 2, workers="")
     with pytest.raises(ValueError, match=r"branching_factor=0"):
         await c.replicate([x], n=2, branching_factor=0)
     assert await rep.tracked() == []
