@@ -90,6 +90,7 @@ class Cycle:
         measure: str,
         protectors: list[Any],
         policies: Iterable[Any],
+        restrictors: Iterable[Any] = (),
     ):
         self.scheduler = scheduler
         self._tasks = scheduler.tasks
@@ -102,6 +103,7 @@ class Cycle:
         self.suspended = False
         self.stats = CycleStats()
         self.desired_replicas = desired_replicas_of(protectors, self._protector_failed)
+        self.restricted_to = restricted_to_of(restrictors, self._protector_failed)
         self.pending = {}
         # The workers of the cycle are those of the scheduler when it starts. Until
         # the cycle first lets the event loop run (suspend) none can join or
@@ -291,9 +293,11 @@ class Cycle:
             exc_info=exc,
         )
 
-    def _protector_failed(self, policy: Any, ts: TaskState) -> None:
+    def _protector_failed(
+        self, policy: Any, ts: TaskState, hook: str = "desired_replicas"
+    ) -> None:
         self.stats.policy_errors += 1
-        _log_protector_failed(policy, ts)
+        _log_protector_failed(policy, ts, hook)
 
     # -- validating and accepting suggestions ------------------------------------
 
@@ -775,11 +779,46 @@ def desired_replicas_of(
     return desired_replicas
 
 
-def _log_protector_failed(policy: Any, ts: TaskState) -> None:
+def restricted_to_of(
+    restrictors: Iterable[Any],
+    on_error: Callable[..., None] | None = None,
+) -> Callable[[TaskState], Set[WorkerState] | None]:
+    """The restricted-to function of a cycle: the workers every restricting
+    policy allows for a key, or None if none restricts it. A restrictor that
+    raises, or answers something other than a set, is left out from then on and
+    reported through ``on_error``, as a failing protector.
+    """
+    restrictors = list(restrictors)
+
+    def restricted_to(ts: TaskState) -> Set[WorkerState] | None:
+        allowed: Set[WorkerState] | None = None
+        for policy in restrictors:
+            try:
+                workers = policy.restricted_to(ts)
+                if workers is not None and not isinstance(workers, Set):
+                    raise TypeError(
+                        f"restricted_to({ts.key!r}) returned {reprlib.repr(workers)}; "
+                        "expected a set of WorkerState or None"
+                    )
+            except Exception:
+                restrictors.remove(policy)
+                (on_error or _log_protector_failed)(policy, ts, "restricted_to")
+                return restricted_to(ts)
+            if workers is not None:
+                allowed = workers if allowed is None else allowed & workers
+        return allowed
+
+    return restricted_to
+
+
+def _log_protector_failed(
+    policy: Any, ts: TaskState, hook: str = "desired_replicas"
+) -> None:
     logger.error(
-        "Policy %r raised in desired_replicas(%r); what it protects is no longer "
-        "protected from drops in this cycle",
+        "Policy %r raised in %s(%r); it is left out of that question for the rest "
+        "of this cycle",
         policy,
+        hook,
         ts.key,
         exc_info=True,
     )

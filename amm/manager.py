@@ -24,7 +24,7 @@ from distributed.core import Status
 from distributed.scheduler import Scheduler, TaskState, WorkerState
 
 from amm import config
-from amm.cycle import Cycle, desired_replicas_of
+from amm.cycle import Cycle, desired_replicas_of, restricted_to_of
 from amm.logs import logger
 from amm.policy import ActiveMemoryManagerPolicy, PolicySet
 from amm.stats import ManagerStats
@@ -193,31 +193,15 @@ class ActiveMemoryManager:
         """The workers ``ts`` may live on, by every policy's
         :meth:`ActiveMemoryManagerPolicy.restricted_to`: the workers all the
         restricting policies allow, or None if none restricts it. A policy that
-        raises, or answers something other than a set, is reported and not
-        counted, as a failing ``desired_replicas``.
+        raises, or answers something other than a set, is reported and left out
+        for the rest of the cycle, as a failing ``desired_replicas``.
         """
-        allowed: Set[WorkerState] | None = None
-        for policy in self.policies:
-            if not _overrides(policy, "restricted_to"):
-                continue
-            try:
-                workers = policy.restricted_to(ts)  # type: ignore[attr-defined]
-                if workers is not None and not isinstance(workers, Set):
-                    raise TypeError(
-                        f"restricted_to({ts.key!r}) returned {workers!r}; "
-                        "expected a set of WorkerState or None"
-                    )
-            except Exception:
-                logger.error(
-                    "Policy %r raised in restricted_to(%r); ignored",
-                    policy,
-                    ts.key,
-                    exc_info=True,
-                )
-                continue
-            if workers is not None:
-                allowed = workers if allowed is None else allowed & workers
-        return allowed
+        restricted_to = (
+            self._cycle.restricted_to
+            if self._cycle is not None
+            else restricted_to_of([p for p in self.policies if _restricts(p)])
+        )
+        return restricted_to(ts)
 
     # -- the cycle ---------------------------------------------------------------
 
@@ -273,7 +257,10 @@ class ActiveMemoryManager:
             logger.debug("Active Memory Manager cycle still in progress; skipped")
             return False
         protectors = [p for p in self.policies if _protects_keys(p)]
-        self._cycle = Cycle(self.scheduler, self.measure, protectors, policies)
+        restrictors = [p for p in self.policies if _restricts(p)]
+        self._cycle = Cycle(
+            self.scheduler, self.measure, protectors, policies, restrictors
+        )
         self._run_slices()
         return True
 
@@ -412,6 +399,11 @@ class ActiveMemoryManager:
 def _protects_keys(policy: object) -> bool:
     """Whether the policy overrides the desired-replicas hook"""
     return _overrides(policy, "desired_replicas")
+
+
+def _restricts(policy: object) -> bool:
+    """Whether the policy overrides the restricted-to hook"""
+    return _overrides(policy, "restricted_to")
 
 
 def _overrides(policy: object, hook: str) -> bool:

@@ -261,6 +261,30 @@ def test_restrictions_combine_and_a_failing_one_is_left_out(cluster):
     assert "expected a set of WorkerState or None" in text
 
 
+class AsksRestrictions(ActiveMemoryManagerPolicy):
+    """Asks where each key may live, as Rebalance does before moving one"""
+
+    def run(self):
+        self.answers = [
+            self.manager.restricted_to(ts) for ts in self.manager.scheduler.tasks.values()
+        ]
+        return ()
+
+
+def test_a_failing_restriction_is_left_out_for_the_cycle(cluster):
+    """Asked about every key in a cycle, a failing restrictor is reported once and
+    counted as a policy error, not logged again for each key
+    """
+    s, _ = cluster
+    w0, w1, w2 = s.workers.values()
+    asks = AsksRestrictions()
+    with captured_logger("distributed.active_memory_manager", logging.ERROR) as log:
+        m = run(s, Restricts(lambda ws: 1 / 0), Restricts(lambda ws: {ws[2]}), asks)
+    assert asks.answers == [{w2}, {w2}]
+    assert log.getvalue().count("raised in restricted_to") == 1
+    assert m.stats.total.policy_errors == 1
+
+
 def test_non_generator_iterables_are_accepted(cluster):
     s, recorder = cluster
 
