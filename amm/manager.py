@@ -83,6 +83,8 @@ class ActiveMemoryManager:
         #: A full cycle was asked for while a narrower one (run_policies_once) was
         #: suspended; it runs as soon as that one ends
         self._full_cycle_wanted = False
+        #: Called on the next turn of the event loop once the cycle in progress ends
+        self._when_idle: list[Callable[[], None]] = []
         #: Longest time one cycle holds the event loop before resuming later
         self.time_slice = config.parse_duration(*config.setting("time-slice"))
 
@@ -160,6 +162,7 @@ class ActiveMemoryManager:
             cycle.end_current()
             self.stats.record(cycle.stats, cycle.seconds, cycle.slices)
             logger.debug("Active Memory Manager stopped between two time slices")
+            self._idle()
 
     @property
     def running(self) -> bool:
@@ -249,11 +252,16 @@ class ActiveMemoryManager:
         if cycle is not None:
             if not cycle.suspended:
                 raise RuntimeError("AMM cycle started from within a running cycle")
-            if policies is self.policies and cycle.policies is not self.policies:
+            if (
+                policies is self.policies
+                and cycle.policies is not self.policies
+                and not self._full_cycle_wanted
+            ):
                 # A narrow cycle (an eager pass) does not run the manager's policies,
                 # nor one added meanwhile (a retirement starting): run them all
                 # once it ends, rather than up to an interval later.
                 self._full_cycle_wanted = True
+                self.call_when_idle(self._run_full_cycle)
             logger.debug("Active Memory Manager cycle still in progress; skipped")
             return False
         protectors = [p for p in self.policies if _protects_keys(p)]
@@ -289,6 +297,7 @@ class ActiveMemoryManager:
                     cycle.enact(final=done)
             except BaseException:
                 self._cycle = None
+                self._idle()
                 raise
             elapsed = perf_counter() - start
             cycle.slices += 1
@@ -298,13 +307,28 @@ class ActiveMemoryManager:
                 self._cycle = None
                 self.stats.record(cycle.stats, cycle.seconds, cycle.slices)
                 logger.debug("Active Memory Manager run in %.0fms", cycle.seconds * 1000)
-                if self._full_cycle_wanted:
-                    self._call_soon(self._run_full_cycle)
+                self._idle()
                 return
             cycle.suspend()
             if not self._call_soon(self._resume):
                 continue
             return
+
+    def call_when_idle(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` on the next turn of the event loop after the cycle in
+        progress ends (finished, failed or stopped), e.g. to start a cycle that
+        could not start while it was suspended. With no cycle in progress, on the
+        next turn. Dropped if the scheduler closes first.
+        """
+        self._when_idle.append(callback)
+        if self._cycle is None:
+            self._idle()
+
+    def _idle(self) -> None:
+        callbacks, self._when_idle = self._when_idle, []
+        for callback in callbacks:
+            if not self._call_soon(callback):
+                callback()  # no event loop: a synthetic scheduler
 
     @staticmethod
     def _call_soon(callback: Callable[[], None]) -> bool:
@@ -336,6 +360,7 @@ class ActiveMemoryManager:
             return
         if self.scheduler.status in (Status.closing, Status.closed):
             self._cycle = None
+            self._when_idle.clear()
             return
         try:
             self._run_slices()

@@ -72,7 +72,27 @@ class _ReplicateNow(ActiveMemoryManagerPolicy):
         return f"{self.policy!r} (on demand)"
 
     def run(self) -> SuggestionGenerator:
-        return self.policy.run(audit=False)
+        # Driven by hand rather than with ``yield from``: the manager stops a
+        # policy removed while its cycle is suspended (Cycle.run), and here the
+        # policy it sees is this wrapper, so the wrapper checks for it
+        suggestions = self.policy.run(audit=False)
+        choice = None
+        try:
+            while True:
+                try:
+                    suggestion = suggestions.send(choice)
+                except StopIteration:
+                    return
+                choice = yield suggestion
+                if self.policy not in self.manager.policies:
+                    # tell it the worker chosen last (the manager sent it), then stop
+                    try:
+                        suggestions.send(choice)
+                    except StopIteration:
+                        pass
+                    return
+        finally:
+            suggestions.close()
 
 
 def install_replication(scheduler: Scheduler, manager: ActiveMemoryManager) -> Replication:
@@ -136,6 +156,8 @@ class Replication:
         self._scatter = scatter
         #: The policy to add at the first request; built now to validate the config
         self.spare = ReplicateN()
+        #: A kick waits for the cycle in progress to end, see :meth:`kick`
+        self._kick_deferred = False
 
     def current(self) -> ReplicateN | None:
         """The manager's ReplicateN policy, if it has one"""
@@ -299,11 +321,20 @@ class Replication:
         if not force and monotonic() - policy.last_run < POLL:
             return
         try:
-            self.manager.run_policies_once([_ReplicateNow(policy)])
+            started = self.manager.run_policies_once([_ReplicateNow(policy)])
         except RuntimeError:
-            # a cycle is in progress (suspended between two event-loop turns): our
-            # keys are handled by it or by the next one
-            pass
+            return  # called from within a cycle: it runs ReplicateN, or the next one
+        if not started and not self._kick_deferred:
+            # A cycle is suspended between two time slices, and may not run
+            # ReplicateN (an eager pass): run it once that one ends, not at the
+            # next periodic cycle, which may never come (the AMM is stopped)
+            self._kick_deferred = True
+            self.manager.call_when_idle(self._deferred_kick)
+
+    def _deferred_kick(self) -> None:
+        self._kick_deferred = False
+        if self.scheduler.status not in (Status.closing, Status.closed):
+            self.kick(force=True)
 
     async def wait(self, keys: list[Key]) -> None:
         """Return once each of ``keys`` has its replicas (or is no longer tracked:

@@ -560,8 +560,10 @@ class ReplicateN(ActiveMemoryManagerPolicy):
                         open_.discard(ws)
                 if candidates is not None and not candidates:
                     break
-            if placed == missing:
-                due.pop(key, None)  # all asked for: due again only if a transfer fails
+            if placed == missing and self._tracked.get(key) is target:
+                # all asked for: due again only if a transfer fails. (Set anew
+                # while this policy was suspended, it stays due for the new target.)
+                due.pop(key, None)
 
         if nrepl:
             logger.debug(

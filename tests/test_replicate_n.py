@@ -14,6 +14,7 @@ import pytest
 import dask.config
 from distributed import Event, Worker
 from distributed.core import Status
+from distributed.metrics import monotonic
 from distributed.utils_test import BlockedGatherDep, async_poll_for, gen_cluster, inc
 
 from amm import (
@@ -24,6 +25,7 @@ from amm import (
     ReplicateN,
 )
 from amm.policies.replicate_n import AUDIT_MIN_KEYS
+from amm.policy import CHECKPOINT
 from amm.replication import Replication, ReplicationClient, install_replication, keys_of
 from amm.testing import (
     Recorder,
@@ -876,3 +878,93 @@ def test_outside_copy_dropped_while_a_pool_worker_is_paused():
     # the pool is a alone while b is paused: c's copy goes
     assert {ws.address for ws in x.who_has} == {a.address}, x.who_has
     assert m.stats.total.drop_rejected == 0
+
+
+# -- on-demand runs while a cycle is suspended --------------------------------------
+
+
+class SlowFor(ActiveMemoryManagerPolicy):
+    """A narrow pass (as an eager ReduceReplicas pass) that stays suspended
+    between time slices for ``seconds``
+    """
+
+    resumable = True
+
+    def __init__(self, seconds):
+        self.seconds = seconds
+
+    def __repr__(self):
+        return "SlowFor()"
+
+    def run(self):
+        end = monotonic() + self.seconds
+        while monotonic() < end:
+            yield CHECKPOINT
+
+
+@gen_cluster(client=True, nthreads=[("", 1)] * 2, config=config())
+async def test_replication_request_waits_for_a_suspended_narrow_pass(c, s, a, b):
+    """ReplicationClient.replicate() with the AMM stopped, while a narrow pass is
+    suspended: ReplicateN runs once the pass ends. Dropped, the copies were
+    never made
+    """
+    m = s.extensions["amm"]
+    assert not m.running
+    futs = await c.scatter({"x": 1}, workers=[a.address])
+    m.time_slice = 0
+    assert m.run_policies_once([SlowFor(0.3)])
+    assert m.cycle_in_progress
+    await ReplicationClient(c).replicate(futs["x"], 2)
+    deadline = monotonic() + 3
+    while holders(s, "x") != {a.address, b.address} and monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    assert not m.cycle_in_progress
+    assert holders(s, "x") == {a.address, b.address}
+
+
+@gen_cluster(
+    client=True, nthreads=[("", 1)] * 3, config=config(**{"replicate.retry-after": "60s"})
+)
+async def test_raised_n_while_suspended_at_that_key(c, s, a, b, d):
+    """A request that raises n of the key ReplicateN is suspended at (between
+    two time slices) keeps it due when the policy resumes with the old target:
+    on-demand runs skip the audit, so with the AMM stopped nothing else would
+    visit it, and Client.replicate waited for good
+    """
+    m = s.extensions["amm"]
+    assert not m.running
+    rep = s.handlers["amm_replicated"].__self__
+    keys = [f"k{i:02d}" for i in range(63)]
+    futs = await c.scatter(dict.fromkeys(keys, 1), workers=[a.address])  # noqa: F841
+    m.time_slice = 0
+    rep._set(keys, 2, None)
+    rep.kick(force=True)  # suspends after 63 suggestions, at the yield for k62
+    assert m.cycle_in_progress
+    gen = m._cycle._current.suggestions
+    while "key" not in gen.gi_frame.f_locals:  # a wrapping generator, if any
+        gen = gen.gi_frame.f_locals["suggestions"]
+    assert gen.gi_frame.f_locals["key"] == "k62"
+    # what Replication.replicate(["k62"], n=3) does, if it arrives now
+    rep._set(["k62"], 3, None)
+    await asyncio.wait_for(rep.wait(["k62"]), 5)
+    assert len(holders(s, "k62")) == 3
+
+
+@gen_cluster(client=True, nthreads=[("", 1)] * 3, config=config())
+async def test_removed_replicate_n_stops_in_an_on_demand_run(c, s, a, b, d):
+    """A policy removed while its cycle is suspended does not go on (Cycle.run);
+    in an on-demand run, the manager sees the wrapper, which checks for it
+    """
+    m = s.extensions["amm"]
+    rep = s.handlers["amm_replicated"].__self__
+    keys = [f"k{i:03d}" for i in range(200)]
+    futs = await c.scatter(dict.fromkeys(keys, 1), workers=[a.address])  # noqa: F841
+    m.time_slice = 0
+    rep._set(keys, 2, None)
+    rep.kick(force=True)
+    assert m.cycle_in_progress
+    assert m.remove_policies("ReplicateN") == 1
+    while m.cycle_in_progress:
+        await asyncio.sleep(0)
+    # had the removed policy stopped, only the first 63 suggestions were made
+    assert m.stats.total.replicas_requested <= 63, m.stats.total.replicas_requested
