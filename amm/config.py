@@ -111,6 +111,12 @@ def parse_bool(key: str, value: Any) -> bool:
 
 def parse_duration(key: str, value: Any, *, allow_zero: bool = False) -> float:
     """Seconds, from anything dask accepts as a time delta ("2s", "500ms", 0.5)"""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0:
+        # dask's parse_timedelta fails on it with a confusing message
+        raise AMMConfigError(
+            f"{key}={value!r}: must be "
+            + ("zero or more" if allow_zero else "greater than zero")
+        )
     try:
         seconds = parse_timedelta(value, default="seconds")
     except (TypeError, ValueError, KeyError) as e:

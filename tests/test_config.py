@@ -113,6 +113,7 @@ def test_distributed_default_policies_map_to_ours(scheduler):
         ("amm.measure", "notexist", "amm.measure='notexist': measure must be one of"),
         ("amm.interval", 0, "amm.interval=0: must be greater than zero"),
         ("amm.interval", "-1s", "amm.interval='-1s'"),
+        ("amm.interval", -1, "amm.interval=-1: must be greater than zero"),
         ("amm.interval", "soon", "amm.interval='soon': not a time interval"),
         ("amm.start", "maybe", "amm.start='maybe': must be true or false"),
         ("amm.policies", "amm.ReduceReplicas", "amm.policies='amm.ReduceReplicas'"),
@@ -155,7 +156,7 @@ def test_invalid_values_name_key_and_value(scheduler, key, value, match):
 def test_invalid_constructor_arguments(scheduler):
     with pytest.raises(AMMConfigError, match="measure='bad'"):
         manager(scheduler, measure="bad")
-    with pytest.raises(AMMConfigError, match="interval=-2"):
+    with pytest.raises(AMMConfigError, match="interval=-2: must be greater than zero"):
         manager(scheduler, interval=-2)
     with pytest.raises(AMMConfigError, match="unassigned_waiters='all'"):
         ReduceReplicas(unassigned_waiters="all")
