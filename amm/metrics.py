@@ -27,7 +27,11 @@ from amm.manager import ActiveMemoryManager
 #: (name, help, the key of ``ManagerStats.to_dict()`` it reports); counters are
 #: exposed with a ``_total`` suffix
 COUNTERS = (
-    ("cycles", "AMM cycles run, eager passes and run_once() included", "cycles"),
+    (
+        "cycles",
+        "AMM cycles run, eager passes, replication on demand and run_once() included",
+        "cycles",
+    ),
     (
         "cycles_sliced",
         "AMM cycles that exceeded amm.time-slice and resumed on a later event-loop turn",
