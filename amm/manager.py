@@ -150,7 +150,8 @@ class ActiveMemoryManager:
     def stop(self) -> None:
         """Stop the periodic cycle, and end a cycle suspended between two time
         slices: what it decided so far was sent, the rest is not decided. Stopping
-        a stopped manager with no cycle in progress does nothing.
+        a stopped manager with no cycle in progress does nothing. Replication a
+        client asked for (ReplicateN run on demand) goes on regardless.
         """
         pc = self.scheduler.periodic_callbacks.pop(self._callback_name, None)
         if pc:
@@ -159,10 +160,13 @@ class ActiveMemoryManager:
         cycle = self._cycle
         if cycle is not None and cycle.suspended:
             self._cycle = None
-            cycle.end_current()
-            self.stats.record(cycle.stats, cycle.seconds, cycle.slices)
-            logger.debug("Active Memory Manager stopped between two time slices")
-            self._idle()
+            try:
+                cycle.end_current()
+                self.stats.record(cycle.stats, cycle.seconds, cycle.slices)
+                logger.debug("Active Memory Manager stopped between two time slices")
+            finally:
+                # the cycle is over whatever happened: what waits for it may go on
+                self._idle()
 
     @property
     def running(self) -> bool:

@@ -20,7 +20,7 @@ installed.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from dask.base import is_dask_collection
@@ -59,12 +59,18 @@ GRACE = 2.0
 
 
 class _ReplicateNow(ActiveMemoryManagerPolicy):
-    """The manager's ReplicateN, run on demand without its rolling audit"""
+    """The manager's ReplicateN, run on demand without its rolling audit.
+
+    ``on_cut`` is called if the run is stopped before it is through (the
+    manager was stopped between two time slices): the keys it had not reached
+    yet are still due, and with the AMM stopped no periodic cycle comes for them.
+    """
 
     resumable = True
 
-    def __init__(self, policy: ReplicateN):
+    def __init__(self, policy: ReplicateN, on_cut: Callable[[], None]):
         self.policy = policy
+        self.on_cut = on_cut
         #: in the statistics, what it accepts is the policy's
         self.counted_as = policy
 
@@ -83,7 +89,11 @@ class _ReplicateNow(ActiveMemoryManagerPolicy):
                     suggestion = suggestions.send(choice)
                 except StopIteration:
                     return
-                choice = yield suggestion
+                try:
+                    choice = yield suggestion
+                except GeneratorExit:
+                    self.on_cut()
+                    raise
                 if self.policy not in self.manager.policies:
                     # tell it the worker chosen last (the manager sent it), then stop
                     try:
@@ -307,7 +317,8 @@ class Replication:
 
     def kick(self, force: bool = False) -> None:
         """Run ReplicateN now, unless it ran less than :data:`POLL` seconds ago (or
-        ``force``). A cycle already in progress is not disturbed.
+        ``force``). A cycle in progress is not disturbed: ReplicateN runs once it
+        ends, and again at once if the manager is stopped in the middle of it.
 
         Only ReplicateN, and only over the keys that need work (see
         :class:`_ReplicateNow`): a caller that scatters with ``broadcast=True`` in
@@ -321,13 +332,19 @@ class Replication:
         if not force and monotonic() - policy.last_run < POLL:
             return
         try:
-            started = self.manager.run_policies_once([_ReplicateNow(policy)])
+            started = self.manager.run_policies_once(
+                [_ReplicateNow(policy, on_cut=self._defer_kick)]
+            )
         except RuntimeError:
             return  # called from within a cycle: it runs ReplicateN, or the next one
-        if not started and not self._kick_deferred:
+        if not started:
             # A cycle is suspended between two time slices, and may not run
             # ReplicateN (an eager pass): run it once that one ends, not at the
             # next periodic cycle, which may never come (the AMM is stopped)
+            self._defer_kick()
+
+    def _defer_kick(self) -> None:
+        if not self._kick_deferred:
             self._kick_deferred = True
             self.manager.call_when_idle(self._deferred_kick)
 

@@ -968,3 +968,58 @@ async def test_removed_replicate_n_stops_in_an_on_demand_run(c, s, a, b, d):
         await asyncio.sleep(0)
     # had the removed policy stopped, only the first 63 suggestions were made
     assert m.stats.total.replicas_requested <= 63, m.stats.total.replicas_requested
+
+
+class BadRepr(ActiveMemoryManagerPolicy):
+    """A narrow pass that accepted a suggestion, then stays suspended at
+    CHECKPOINTs; its repr raises (a user policy with a buggy repr)
+    """
+
+    resumable = True
+
+    def __init__(self, ts):
+        self.ts = ts
+
+    def __repr__(self):
+        raise RuntimeError("bad repr")
+
+    def run(self):
+        yield ("replicate", self.ts, None)
+        while True:
+            yield CHECKPOINT
+
+
+@gen_cluster(client=True, nthreads=[("", 1)] * 3, config=config())
+async def test_stop_that_raises_still_runs_the_deferred_replication(c, s, a, b, d):
+    """stop() ends the suspended cycle; if ending it raises, what waited for the
+    cycle to end still runs: the deferred on-demand ReplicateN, whose flag would
+    otherwise stay set and keep every later kick from being deferred
+    """
+    m = s.extensions["amm"]
+    futs = await c.scatter({"x": 1, "y": 2}, workers=[a.address])
+    m.time_slice = 0
+    assert m.run_policies_once([BadRepr(s.tasks["y"])])
+    await ReplicationClient(c).replicate(futs["x"], 2)
+    with pytest.raises(RuntimeError, match="bad repr"):
+        m.stop()
+    assert not m.cycle_in_progress
+    await async_poll_for(lambda: len(holders(s, "x")) == 2, timeout=5)
+
+
+@gen_cluster(client=True, nthreads=[("", 1)] * 3, config=config())
+async def test_on_demand_run_cut_by_stop_goes_on(c, s, a, b, d):
+    """stop() ends an on-demand ReplicateN run suspended between two slices; the
+    keys it had not reached are run again at once, not left for a periodic cycle
+    that never comes with the AMM stopped
+    """
+    m = s.extensions["amm"]
+    assert not m.running
+    keys = [f"k{i:03d}" for i in range(200)]
+    futs = await c.scatter(dict.fromkeys(keys, 1), workers=[a.address])  # noqa: F841
+    m.time_slice = 0
+    await ReplicationClient(c).replicate(list(futs.values()), 2)  # returns at once
+    assert m.cycle_in_progress
+    m.stop()
+    m.time_slice = 0.1
+    await async_poll_for(lambda: all(len(holders(s, k)) == 2 for k in keys), timeout=10)
+
