@@ -460,11 +460,12 @@ class ReplicationClient:
     >= 1 or ``"all"``, raises ValueError and changes nothing; :meth:`unreplicate`
     accepts unknown keys (released ones, say): there is nothing to undo.
 
-    Non-blocking: :meth:`replicate` returns once the scheduler knows the target; a
-    cycle starts right away and the following ones (every ``amm.interval``) make
-    the rest of the copies, a bounded number per worker at a time. To block until
-    the copies exist, use ``client.replicate(futures, n)``, which this manager
-    serves the same way.
+    Non-blocking: :meth:`replicate` returns once the scheduler knows the target;
+    ReplicateN runs right away and the periodic cycles (every ``amm.interval``)
+    make the rest of the copies, a bounded number per worker at a time. With the
+    AMM stopped there are no periodic cycles, and only the first round is made. To
+    block until the copies exist, use ``client.replicate(futures, n)``, which this
+    manager serves the same way, running ReplicateN until they do.
 
     Like ``client.amm``, every method is synchronous on a synchronous client and
     returns an awaitable on an asynchronous one.
