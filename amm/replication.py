@@ -92,7 +92,10 @@ class _ReplicateNow(ActiveMemoryManagerPolicy):
                 try:
                     choice = yield suggestion
                 except GeneratorExit:
-                    self.on_cut()
+                    if not self.manager.cycle_in_progress:
+                        # ended from outside (stop()), not because it failed:
+                        # run again, a failing ReplicateN would fail every time
+                        self.on_cut()
                     raise
                 if self.policy not in self.manager.policies:
                     # tell it the worker chosen last (the manager sent it), then stop

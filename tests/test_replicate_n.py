@@ -1023,3 +1023,28 @@ async def test_on_demand_run_cut_by_stop_goes_on(c, s, a, b, d):
     m.time_slice = 0.1
     await async_poll_for(lambda: all(len(holders(s, k)) == 2 for k in keys), timeout=10)
 
+
+
+class YieldsGarbage(ReplicateN):
+    """A ReplicateN with a bug: every run yields something that is no suggestion"""
+
+    runs = 0
+
+    def run(self, audit=True):
+        YieldsGarbage.runs += 1
+        yield "not a suggestion"
+
+
+@gen_cluster(client=True, nthreads=[("", 1)] * 2, config=config())
+async def test_on_demand_run_that_fails_is_not_run_again_and_again(c, s, a, b):
+    """The manager closes a failing policy's run; that is no cut short run to
+    resume, or a broken ReplicateN would be run again at every turn of the loop
+    """
+    m = s.extensions["amm"]
+    m.add_policy(YieldsGarbage())
+    YieldsGarbage.runs = 0
+    replication(s).kick(force=True)
+    for _ in range(20):
+        await asyncio.sleep(0)
+    assert YieldsGarbage.runs == 1
+    assert m.stats.total.policy_errors == 1
