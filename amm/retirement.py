@@ -36,7 +36,7 @@ from distributed.scheduler import Scheduler, WorkerState
 from distributed.utils import log_errors
 
 from amm.config import option, parse_duration
-from amm.logs import logger
+from amm.logs import logger, scheduler_logger
 from amm.policies.retire_worker import (
     RetireWorker,
     parse_on_timeout,
@@ -140,12 +140,12 @@ class Retirements:
         # take the same lock; several retirements may run at once.
         async with s._replica_lock("retire-workers"):
             if names is not None:
-                logger.info("Retire worker names %s", names)
+                scheduler_logger.info("Retire worker names %s", names)
                 # Names passed through a CLI become strings
                 names_set = {str(name) for name in names}
                 wss = {ws for ws in s.workers.values() if str(ws.name) in names_set}
             elif workers is not None:
-                logger.info(
+                scheduler_logger.info(
                     "Retire worker addresses (stimulus_id='%s') %s",
                     stimulus_id,
                     workers,
@@ -329,7 +329,7 @@ class Retirements:
             else:
                 then = "stays retiring: another retirement of it is in progress"
             if timed_out:
-                logger.warning(
+                scheduler_logger.warning(
                     "Could not retire worker %r: its unique data (%d keys) made no "
                     "progress towards other workers within %ss (amm.retire.timeout); "
                     "it keeps it and %s (stimulus_id=%r)",
@@ -341,7 +341,7 @@ class Retirements:
                 )
                 return ws.address, "timed-out", ws.identity(), True
             if cancelled:
-                logger.warning(
+                scheduler_logger.warning(
                     "Retirement of worker %r cancelled: its RetireWorker policy was "
                     "removed from the manager; it keeps its data and %s "
                     "(stimulus_id=%r)",
@@ -350,7 +350,7 @@ class Retirements:
                     stimulus_id,
                 )
                 return ws.address, "cancelled", ws.identity(), False
-            logger.warning(
+            scheduler_logger.warning(
                 f"Could not retire worker {ws.address!r}: unique data could not be "
                 f"moved to any other worker ({stimulus_id=!r})"
             )
@@ -358,7 +358,7 @@ class Retirements:
 
         if timed_out:
             lost = policy.unique_keys()
-            logger.warning(
+            scheduler_logger.warning(
                 "Retirement of worker %r made no progress for %ss (amm.retire.timeout); "
                 "retiring it anyway (amm.retire.on-timeout: close). %d keys held only "
                 "by it are lost: %s (stimulus_id=%r)",
@@ -369,7 +369,7 @@ class Retirements:
                 stimulus_id,
             )
         else:
-            logger.debug(
+            scheduler_logger.debug(
                 f"All unique keys on worker {ws.address!r} have been replicated "
                 "elsewhere"
             )
@@ -387,7 +387,7 @@ class Retirements:
             self._in_progress[ws.address] = (Status.closing_gracefully, count)
             if close:
                 s.close_worker(ws.address)
-        logger.info(f"Retired worker {ws.address!r} ({stimulus_id=!r})")
+        scheduler_logger.info(f"Retired worker {ws.address!r} ({stimulus_id=!r})")
         # after the removal, as distributed: the info shows the worker closed
         return ws.address, "OK", ws.identity(), timed_out
 

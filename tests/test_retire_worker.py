@@ -50,6 +50,8 @@ from amm.testing import (
 from conftest import amm_config
 
 AMM_LOGGER = "distributed.active_memory_manager"
+#: where distributed's retire_workers reports what it retired or gave up on
+SCHEDULER_LOGGER = "distributed.scheduler"
 
 #: The installed manager stopped: retirements run on a temporary one, like
 #: distributed's, with the installed manager's interval
@@ -87,6 +89,22 @@ async def test_stopped_manager_with_long_interval_retires_in_time(c, s, a, b):
     a.block_get_data.set()
     assert list(await retire) == [a.address]
     assert await c.gather([x["x"], y]) == [1, 2]
+
+
+@gen_cluster(client=True, nthreads=[("", 1)] * 2, config=RUNNING)
+async def test_outcome_logged_where_distributed_logs_it(c, s, a, b):
+    """Log filters and tests written for distributed's retire_workers read the
+    scheduler's logger; the policy's own lines stay on the AMM's, as in distributed.
+    """
+    wire(s)
+    await c.scatter({"x": 1}, workers=[a.address])
+    with captured_logger(SCHEDULER_LOGGER, logging.INFO) as sched_log:
+        with captured_logger(AMM_LOGGER, logging.INFO) as amm_log:
+            assert list(await c.retire_workers([a.address])) == [a.address]
+    assert "Retire worker addresses" in sched_log.getvalue()
+    assert f"Retired worker '{a.address}'" in sched_log.getvalue()
+    assert "Retire worker" not in amm_log.getvalue()
+    assert f"Retiring worker {a.address}; 1 keys are being moved" in amm_log.getvalue()
 
 
 def wire(s) -> Retirements:
@@ -502,7 +520,7 @@ async def test_removing_the_policy_cancels_the_retirement(c, s, a):
         await y
         retiring = asyncio.create_task(c.retire_workers([a.address]))
         await b.in_gather_dep.wait()  # y is on its way to b
-        with captured_logger(AMM_LOGGER, logging.WARNING) as log:
+        with captured_logger(SCHEDULER_LOGGER, logging.WARNING) as log:
             assert await AMMClient(c).remove_policy("RetireWorker") == 1
             assert await retiring == {}
         assert "Retirement of worker" in log.getvalue()
@@ -529,7 +547,7 @@ async def test_retire_timeout_aborts(c, s, a):
     x = await c.scatter({"x": 1}, workers=[a.address])
     async with BlockedGatherDep(s.address) as b:
         await c.wait_for_workers(2)
-        with captured_logger(AMM_LOGGER, logging.WARNING) as log:
+        with captured_logger(SCHEDULER_LOGGER, logging.WARNING) as log:
             out = await c.retire_workers([a.address])
         assert out == {}
         assert "no progress towards other workers within 0.5s" in log.getvalue()
@@ -607,7 +625,7 @@ async def test_overlapping_retirements_that_time_out_leave_the_worker_running(c,
         await asyncio.sleep(0.1)
         assert s.workers[a.address].status == Status.closing_gracefully
         second = asyncio.create_task(s.retire_workers(workers=[a.address]))
-        with captured_logger(AMM_LOGGER, logging.WARNING) as log:
+        with captured_logger(SCHEDULER_LOGGER, logging.WARNING) as log:
             assert await first == {}
             # the first ended, the second goes on: the worker stays retiring
             assert s.workers[a.address].status == Status.closing_gracefully
@@ -659,7 +677,7 @@ async def test_retire_timeout_closes(c, s, a):
     x = await c.scatter({"x": 1}, workers=[a.address])  # noqa: F841
     async with BlockedGatherDep(s.address) as b:
         await c.wait_for_workers(2)
-        with captured_logger(AMM_LOGGER, logging.WARNING) as log:
+        with captured_logger(SCHEDULER_LOGGER, logging.WARNING) as log:
             out = await c.retire_workers([a.address])
         assert list(out) == [a.address]
         assert a.address not in s.workers
