@@ -48,6 +48,10 @@ Outcome = Literal["OK", "no-recipients", "timed-out", "cancelled"]
 #: Name of the paused-restart check in ``Scheduler.periodic_callbacks``
 PAUSED_RESTART_CALLBACK = "amm-paused-restart"
 
+#: Longest a retirement that gives up waits for the worker to confirm its old
+#: status, in seconds: see :meth:`Retirements._until_restored`
+RESTORE_WAIT = 5.0
+
 
 class Retirements:
     """Serves ``retire_workers`` for one scheduler.
@@ -321,10 +325,11 @@ class Retirements:
             or (timed_out and policy.on_timeout == "abort")
         ):
             if self._last_in_progress(ws):
-                # Put the worker back as it was. No race to guard against here: wait
-                # for the scheduler -> worker -> scheduler round trip.
+                # Put the worker back as it was, through the worker: it tells the
+                # scheduler once it has changed, so no task lands on it before.
                 prev_status = self._in_progress[ws.address][0]
                 _send_status(s, ws, stimulus_id, prev_status)
+                await self._until_restored(ws, prev_status)
                 then = f"goes back to {prev_status.name}"
             else:
                 then = "stays retiring: another retirement of it is in progress"
@@ -390,6 +395,30 @@ class Retirements:
         scheduler_logger.info(f"Retired worker {ws.address!r} ({stimulus_id=!r})")
         # after the removal, as distributed: the info shows the worker closed
         return ws.address, "OK", ws.identity(), timed_out
+
+
+    async def _until_restored(self, ws: WorkerState, status: Status) -> None:
+        """Wait (``RESTORE_WAIT`` at most) until the scheduler hears from ``ws``
+        that it is back in ``status``, the retirement still in progress.
+
+        Until then the scheduler has it ``closing_gracefully``: a retirement that
+        started meanwhile (the caller retrying at once, as soon as this one
+        returns) would take that for the status to put it back in, and if it gave
+        up too, leave the worker retiring for good, with nothing to close it
+        (distributed does). Still in progress, this one makes a retry join it and
+        inherit the status from before; and the retry, which sets the status
+        after this one's message, has the last word on the worker.
+        """
+        if status == Status.closing_gracefully:
+            return
+        deadline = monotonic() + RESTORE_WAIT
+        while (
+            ws.status == Status.closing_gracefully
+            and self.scheduler.workers.get(ws.address) is ws
+            and self._last_in_progress(ws)
+            and monotonic() < deadline
+        ):
+            await asyncio.sleep(0.005)
 
 
 def _send_status(

@@ -20,6 +20,7 @@ from distributed.utils_test import (
     captured_logger,
     gen_cluster,
     gen_test,
+    inc,
     wait_for_state,
 )
 from distributed.worker_state_machine import AcquireReplicasEvent
@@ -608,6 +609,33 @@ async def test_retire_timeout_runs_from_the_last_progress(c, s, a):
         b.block_gather_dep.set()
         assert list(await retiring) == [a.address]
         assert await c.gather(xy["x"]) == 1
+
+
+@pytest.mark.parametrize("config", [STOPPED, RUNNING])
+def test_retry_right_after_giving_up_leaves_the_worker_running(config):
+    """The only other worker is paused: the retirement gives up, and the caller
+    tries again at once. The scheduler only learns that a is running again once a
+    says so; a retry that came first found it closing_gracefully, took that for
+    the status to go back to, and left a retiring for good (so does distributed).
+    """
+
+    @gen_cluster(
+        client=True,
+        config={**config, "distributed.worker.memory.pause": False},
+    )
+    async def test(c, s, a, b):
+        wire(s)
+        x = await c.scatter({"x": 1}, workers=[a.address])  # noqa: F841
+        await pause(s, b)
+        for _ in range(3):
+            assert await c.retire_workers([a.address]) == {}
+        await async_poll_for(
+            lambda: s.workers[a.address].status == Status.running, timeout=5
+        )
+        assert a.status == Status.running
+        assert await c.submit(inc, 1, workers=[a.address]) == 2
+
+    test()
 
 
 @gen_cluster(client=True, nthreads=[("", 1)], config=TIMEOUT)
