@@ -235,16 +235,37 @@ class Retirements:
         amm = self.scheduler.extensions.get("amm")
         if amm is not None and amm.running:
             return amm, False
+        return self._temporary_manager(), True
+
+    def _temporary_manager(self) -> Any:
+        """A started manager with no policy, for retirements only"""
         from amm.manager import ActiveMemoryManager
 
         # Every 2 s, as distributed's temporary manager, or the configured interval
         # if shorter: that of a stopped manager may be long, as it was not meant to
         # run, and a key landing on the worker after the first cycle waited for it
+        amm = self.scheduler.extensions.get("amm")
         interval = min(getattr(amm or self.manager, "interval", None) or 2.0, 2.0)
-        temporary = ActiveMemoryManager(
+        return ActiveMemoryManager(
             self.scheduler, policies=[], register=False, start=True, interval=interval
         )
-        return temporary, True
+
+    def _adopt(self, policy: RetireWorker) -> Any:
+        """Move a retirement off the manager it ran on, which was stopped, onto a
+        temporary one, as if it had started with the AMM stopped. Its policy would
+        not run any more: a key landing on the worker from then on (a task ending
+        there), or a recipient to replace, would wait for the timeout, which
+        under ``Worker.close_gracefully`` and adaptive scale-down closes the
+        worker with the key. (distributed's retirement waits forever then.)
+        """
+        temporary = self._temporary_manager()
+        policy.manager.policies.discard(policy)
+        temporary.add_policy(policy)
+        logger.info(
+            "AMM stopped while retiring worker %s; the retirement goes on", policy.address
+        )
+        _kick(temporary)
+        return temporary
 
     async def _track(
         self,
@@ -289,23 +310,34 @@ class Retirements:
         least = len(policy.unique_keys())
         deadline = monotonic() + policy.timeout
         timed_out = False
-        while not policy.done():
-            now = monotonic()
-            nkeys = len(policy.unique_keys())
-            if nkeys < least:
-                least = nkeys
-                deadline = now + policy.timeout
-            remaining = deadline - now
-            if remaining <= 0:
-                timed_out = True
-                break
-            # done() and unique_keys() scan the worker's keys (~0.1-0.2us each), so
-            # poll less often the more keys there are, keeping the scans under ~2%
-            # of the event loop: 0.01s up to 200 keys, 0.1s at 2k, 0.5s from 10k.
-            # (distributed waits 0.5s from 200 keys on, which adds up to half a
-            # second to every retirement.)
-            poll = max(0.01, min(0.5, len(ws.has_what) / 20_000))
-            await asyncio.sleep(min(poll, remaining))
+        adopted = None  # the temporary manager it moved to, if its own stopped
+        try:
+            while not policy.done():
+                now = monotonic()
+                nkeys = len(policy.unique_keys())
+                if nkeys < least:
+                    least = nkeys
+                    deadline = now + policy.timeout
+                remaining = deadline - now
+                if remaining <= 0:
+                    timed_out = True
+                    break
+                if (
+                    adopted is None
+                    and not policy.manager.running
+                    and s.status not in (Status.closing, Status.closed)
+                ):
+                    adopted = self._adopt(policy)
+                # done() and unique_keys() scan the worker's keys (~0.1-0.2us each),
+                # so poll less often the more keys there are, keeping the scans
+                # under ~2% of the event loop: 0.01s up to 200 keys, 0.1s at 2k,
+                # 0.5s from 10k. (distributed waits 0.5s from 200 keys on, which
+                # adds up to half a second to every retirement.)
+                poll = max(0.01, min(0.5, len(ws.has_what) / 20_000))
+                await asyncio.sleep(min(poll, remaining))
+        finally:
+            if adopted is not None:
+                adopted.stop()
 
         if timed_out:
             # Stop moving data first, so that nothing changes under what follows

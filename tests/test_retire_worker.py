@@ -924,3 +924,29 @@ async def test_a_cycle_failing_as_a_retirement_starts_does_not_strand_the_worker
     assert a.address in out
     assert a.address not in s.workers
     assert s.tasks["x"].who_has == {s.workers[b.address]}
+
+
+@gen_cluster(
+    client=True,
+    Worker=BlockedGetData,
+    config={**RUNNING, "amm.retire.timeout": "3s"},
+)
+async def test_stopping_the_manager_does_not_stall_a_retirement(c, s, a, b):
+    """The AMM is stopped while a retirement runs on it, and then y lands on a,
+    unique there. The retirement goes on, on a manager of its own, as one that
+    starts with the AMM stopped does. It gave up at the timeout (distributed's
+    waits forever); Worker.close_gracefully would then have closed a with y.
+    """
+    wire(s)
+    b.block_get_data.set()  # only a's transfers are held back
+    x = await c.scatter({"x": 1}, workers=[a.address])
+    y = c.submit(_slow, 2, key="y", workers=[a.address], allow_other_workers=True)
+    await wait_for_state("y", "executing", a)
+    retiring = asyncio.create_task(c.retire_workers([a.address]))
+    await a.in_get_data.wait()  # b is fetching x from a
+    await c.amm.stop()
+    await async_poll_for(lambda: s.tasks["y"].state == "memory", timeout=5)
+    a.block_get_data.set()
+    assert list(await retiring) == [a.address]
+    assert await c.gather([x["x"], y]) == [1, 2]
+    assert not retire_policies(s)
