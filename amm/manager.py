@@ -85,6 +85,10 @@ class ActiveMemoryManager:
         self._full_cycle_wanted = False
         #: Called on the next turn of the event loop once the cycle in progress ends
         self._when_idle: list[Callable[[], None]] = []
+        #: Temporary managers running retirements while this one is stopped (see
+        #: :mod:`amm.retirement`); the client API lists and removes their policies
+        #: along with this one's
+        self.temporary_managers: set[ActiveMemoryManager] = set()
         #: Longest time one cycle holds the event loop before resuming later
         self.time_slice = config.parse_duration(*config.setting("time-slice"))
 
@@ -394,11 +398,19 @@ class ActiveMemoryManager:
         return out
 
     def describe_policies(self) -> list[dict[str, Any]]:
-        """The policies in the order they run"""
+        """The policies in the order they run, then those of the temporary
+        managers (retirements while this one is stopped)
+        """
         return [
             {"class": f"{type(p).__module__}.{type(p).__qualname__}", "repr": repr(p)}
-            for p in self.policies
+            for _, p in self._all_policies()
         ]
+
+    def _all_policies(self) -> Iterator[tuple[ActiveMemoryManager, Any]]:
+        """(manager, policy) of this manager and of its temporary managers"""
+        for manager in (self, *self.temporary_managers):
+            for policy in manager.policies:
+                yield manager, policy
 
     def add_policy_from_spec(self, spec: dict[str, Any]) -> str:
         """Instantiate and add a policy from ``{"class": dotted.path, **kwargs}``,
@@ -414,14 +426,14 @@ class ActiveMemoryManager:
         name). Returns how many were removed.
         """
         removed = [
-            p
-            for p in self.policies
+            (manager, p)
+            for manager, p in self._all_policies()
             if cls in (type(p).__qualname__, f"{type(p).__module__}.{type(p).__qualname__}")
         ]
-        for policy in removed:
-            self.policies.discard(policy)
+        for manager, policy in removed:
+            manager.policies.discard(policy)
         if removed:
-            logger.info("Removed policies %r", removed)
+            logger.info("Removed policies %r", [p for _, p in removed])
         return len(removed)
 
 

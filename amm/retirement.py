@@ -77,6 +77,8 @@ class Retirements:
         #: retired it without removing it (``remove=False``), which leaves it
         #: drained, ``closing_gracefully``, on purpose.
         self._in_progress: dict[str, tuple[Status, int]] = {}
+        #: The installed manager each temporary manager in use is known to
+        self._owners: dict[Any, Any] = {}
 
     def __repr__(self) -> str:
         return f"<Retirements for {self.scheduler.address}>"
@@ -205,7 +207,7 @@ class Retirements:
                         timed_out.append(addr)
             finally:
                 if temporary:
-                    amm.stop()
+                    self._release(amm)
 
         s.log_event(
             "all",
@@ -238,7 +240,10 @@ class Retirements:
         return self._temporary_manager(), True
 
     def _temporary_manager(self) -> Any:
-        """A started manager with no policy, for retirements only"""
+        """A started manager with no policy, for retirements only; release it with
+        :meth:`_release`. The installed manager knows of it, so that the client API
+        (``AMMClient.policies`` and ``remove_policy``) reaches its policies.
+        """
         from amm.manager import ActiveMemoryManager
 
         # Every 2 s, as distributed's temporary manager, or the configured interval
@@ -246,9 +251,19 @@ class Retirements:
         # run, and a key landing on the worker after the first cycle waited for it
         amm = self.scheduler.extensions.get("amm")
         interval = min(getattr(amm or self.manager, "interval", None) or 2.0, 2.0)
-        return ActiveMemoryManager(
+        temporary = ActiveMemoryManager(
             self.scheduler, policies=[], register=False, start=True, interval=interval
         )
+        if isinstance(amm, ActiveMemoryManager):
+            amm.temporary_managers.add(temporary)
+            self._owners[temporary] = amm
+        return temporary
+
+    def _release(self, temporary: Any) -> None:
+        temporary.stop()
+        owner = self._owners.pop(temporary, None)
+        if owner is not None:
+            owner.temporary_managers.discard(temporary)
 
     def _adopt(self, policy: RetireWorker) -> Any:
         """Move a retirement off the manager it ran on, which was stopped, onto a
@@ -337,7 +352,7 @@ class Retirements:
                 await asyncio.sleep(min(poll, remaining))
         finally:
             if adopted is not None:
-                adopted.stop()
+                self._release(adopted)
 
         if timed_out:
             # Stop moving data first, so that nothing changes under what follows

@@ -508,19 +508,28 @@ async def test_retire_in_a_cycle_begun_before_the_recipient_resumed(c, s, a, b):
     assert await c.gather(x) == {"x": 1}
 
 
-@gen_cluster(client=True, nthreads=[("", 1)], config=RUNNING)
-async def test_removing_the_policy_cancels_the_retirement(c, s, a):
+@pytest.mark.parametrize("config", [RUNNING, STOPPED])
+def test_removing_the_policy_cancels_the_retirement(config):
     """AMMClient.remove_policy("RetireWorker") while the data is on its way: the
     policy is no longer among the manager's, so done() is True (as in
     distributed), but that is a cancellation, not the end of the move. Taken for
-    one, a would be removed with the only copy of y.
+    one, a would be removed with the only copy of y. With the AMM stopped, the
+    policy runs on a temporary manager, which the client API reaches too.
     """
+    gen_cluster(client=True, nthreads=[("", 1)], config=config)(
+        _removing_the_policy_cancels_the_retirement
+    )()
+
+
+async def _removing_the_policy_cancels_the_retirement(c, s, a):
     wire(s)
     async with BlockedGatherDep(s.address) as b:
         y = c.submit(lambda: "y", workers=[a.address], key="y")
         await y
         retiring = asyncio.create_task(c.retire_workers([a.address]))
         await b.in_gather_dep.wait()  # y is on its way to b
+        listed = [p["repr"] for p in await AMMClient(c).policies()]
+        assert listed == [f"RetireWorker({a.address!r})"]
         with captured_logger(SCHEDULER_LOGGER, logging.WARNING) as log:
             assert await AMMClient(c).remove_policy("RetireWorker") == 1
             assert await retiring == {}
