@@ -77,6 +77,10 @@ class Retirements:
         #: retired it without removing it (``remove=False``), which leaves it
         #: drained, ``closing_gracefully``, on purpose.
         self._in_progress: dict[str, tuple[Status, int]] = {}
+        #: Workers whose last retirement gave up and that are being put back in
+        #: this status: a retirement that starts before the scheduler hears back
+        #: from the worker inherits it, see :meth:`_until_restored`
+        self._restoring: dict[str, Status] = {}
         #: The installed manager each temporary manager in use is known to
         self._owners: dict[Any, Any] = {}
 
@@ -297,14 +301,28 @@ class Retirements:
         Returns the address, the outcome, the worker's identity, and whether the
         timeout expired (with ``on-timeout: close`` the outcome is then "OK").
         """
-        before, count = self._in_progress.get(ws.address, (prev_status, 0))
-        self._in_progress[ws.address] = (before, count + 1)
+        address = ws.address
+        if address in self._in_progress:
+            before, count = self._in_progress[address]
+        else:
+            # While a retirement that gave up puts the worker back, the scheduler
+            # still has it closing_gracefully: what it had before is that one's
+            restoring = self._restoring.pop(address, None)
+            if restoring is not None and prev_status == Status.closing_gracefully:
+                prev_status = restoring
+            before, count = prev_status, 0
+        self._in_progress[address] = (before, count + 1)
         try:
-            return await self._wait_and_finish(ws, policy, close, remove, stimulus_id)
+            result = await self._wait_and_finish(ws, policy, close, remove, stimulus_id)
         finally:
-            before, count = self._in_progress.pop(ws.address)
+            before, count = self._in_progress.pop(address)
             if count > 1:
-                self._in_progress[ws.address] = (before, count - 1)
+                self._in_progress[address] = (before, count - 1)
+        if result[1] != "OK" and count == 1:
+            # The last one to give up: it has just told the worker to go back to
+            # ``before`` (no await since)
+            await self._until_restored(ws, before)
+        return result
 
     def _last_in_progress(self, ws: WorkerState) -> bool:
         return self._in_progress[ws.address][1] == 1
@@ -376,7 +394,6 @@ class Retirements:
                 # scheduler once it has changed, so no task lands on it before.
                 prev_status = self._in_progress[ws.address][0]
                 _send_status(s, ws, stimulus_id, prev_status)
-                await self._until_restored(ws, prev_status)
                 then = f"goes back to {prev_status.name}"
             else:
                 then = "stays retiring: another retirement of it is in progress"
@@ -446,26 +463,36 @@ class Retirements:
 
     async def _until_restored(self, ws: WorkerState, status: Status) -> None:
         """Wait (``RESTORE_WAIT`` at most) until the scheduler hears from ``ws``
-        that it is back in ``status``, the retirement still in progress.
+        that it is back in ``status``, after the last of its retirements gave up.
 
         Until then the scheduler has it ``closing_gracefully``: a retirement that
-        started meanwhile (the caller retrying at once, as soon as this one
-        returns) would take that for the status to put it back in, and if it gave
-        up too, leave the worker retiring for good, with nothing to close it
-        (distributed does). Still in progress, this one makes a retry join it and
-        inherit the status from before; and the retry, which sets the status
-        after this one's message, has the last word on the worker.
+        started meanwhile (the caller retrying as soon as the last one returned,
+        or adaptive scale-down) would take that for the status to put it back
+        in, and if it gave up too, leave the worker retiring for good, with
+        nothing to close it (distributed does). Meanwhile ``_restoring`` holds
+        the status: such a retirement takes it over, and then the worker is its
+        to put back, its own message coming after this one's.
+
+        If the worker does not answer in time, the status stays recorded: the
+        worker is still retiring as far as the scheduler knows.
         """
+        address = ws.address
         if status == Status.closing_gracefully:
             return
+        self._restoring[address] = status
         deadline = monotonic() + RESTORE_WAIT
         while (
             ws.status == Status.closing_gracefully
-            and self.scheduler.workers.get(ws.address) is ws
-            and self._last_in_progress(ws)
+            and self.scheduler.workers.get(address) is ws
+            and address not in self._in_progress
             and monotonic() < deadline
         ):
             await asyncio.sleep(0.005)
+        if address not in self._in_progress and (
+            ws.status != Status.closing_gracefully
+            or self.scheduler.workers.get(address) is not ws
+        ):
+            self._restoring.pop(address, None)
 
 
 def _send_status(

@@ -647,6 +647,33 @@ def test_retry_right_after_giving_up_leaves_the_worker_running(config):
     test()
 
 
+@gen_cluster(client=True, config={**RUNNING, "distributed.worker.memory.pause": False})
+async def test_retry_while_the_worker_is_put_back_leaves_it_running(c, s, a, b):
+    """A retry starts after the first retirement gave up and told a to go back to
+    running, before a has confirmed it; the retry gives up at once too. The
+    first must not stay in charge of a (if it still counted, the retry would
+    not put a back, and the first had sent its message already): the retry
+    inherits the status from before and has the last word.
+    """
+    retirements = wire(s)
+    x = await c.scatter({"x": 1}, workers=[a.address])  # noqa: F841
+    await pause(s, b)
+    first = asyncio.create_task(s.retire_workers(workers=[a.address]))
+    while a.address not in retirements._restoring:
+        await asyncio.sleep(0)
+    assert s.workers[a.address].status == Status.closing_gracefully
+    second = asyncio.create_task(s.retire_workers(workers=[a.address]))
+    assert await first == {}
+    assert await second == {}
+    await async_poll_for(
+        lambda: s.workers[a.address].status == Status.running, timeout=5
+    )
+    assert a.status == Status.running
+    assert not retirements._in_progress
+    assert not retirements._restoring
+    assert await c.submit(inc, 1, workers=[a.address]) == 2
+
+
 @gen_cluster(client=True, nthreads=[("", 1)], config=TIMEOUT)
 async def test_overlapping_retirements_that_time_out_leave_the_worker_running(c, s, a):
     """The same worker retired twice at once (a retry; adaptive scale-down and a
