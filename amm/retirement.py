@@ -460,7 +460,6 @@ class Retirements:
         # after the removal, as distributed: the info shows the worker closed
         return ws.address, "OK", ws.identity(), timed_out
 
-
     async def _until_restored(self, ws: WorkerState, status: Status) -> None:
         """Wait (``RESTORE_WAIT`` at most) until the scheduler hears from ``ws``
         that it is back in ``status``, after the last of its retirements gave up.
