@@ -246,7 +246,7 @@ class Retirements:
     def _temporary_manager(self) -> Any:
         """A started manager with no policy, for retirements only; release it with
         :meth:`_release`. The installed manager knows of it, so that the client API
-        (``AMMClient.policies`` and ``remove_policy``) reaches its policies.
+        (``AMMClient.policies``, ``remove_policy``, ``statistics``) reaches it.
         """
         from amm.manager import ActiveMemoryManager
 
@@ -261,6 +261,9 @@ class Retirements:
         if isinstance(amm, ActiveMemoryManager):
             amm.temporary_managers.add(temporary)
             self._owners[temporary] = amm
+            # what it does counts where users look: the installed manager's
+            # statistics and metrics
+            temporary.stats = amm.stats
         return temporary
 
     def _release(self, temporary: Any) -> None:

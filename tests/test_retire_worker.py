@@ -986,3 +986,20 @@ async def test_stopping_the_manager_does_not_stall_a_retirement(c, s, a, b):
     assert list(await retiring) == [a.address]
     assert await c.gather([x["x"], y]) == [1, 2]
     assert not retire_policies(s)
+
+
+@gen_cluster(client=True, config=STOPPED)
+async def test_retirement_on_a_temporary_manager_shows_in_the_statistics(c, s, a, b):
+    """With the AMM stopped, a retirement runs on a temporary manager: what it does
+    counts in the installed manager's statistics (and Prometheus metrics), the
+    only ones a user can read.
+    """
+    wire(s)
+    x = await c.scatter({"x": 1}, workers=[a.address])  # noqa: F841
+    assert list(await c.retire_workers([a.address])) == [a.address]
+    stats = await AMMClient(c).statistics()
+    assert stats["replicas_requested"] == 1
+    assert stats["cycles"] >= 1
+    assert stats["by_policy"] == {f"RetireWorker({a.address!r})": 1}
+    assert not s.extensions["amm"].running
+
