@@ -40,7 +40,7 @@ from distributed.scheduler import Scheduler, TaskState, WorkerState
 from amm.logs import logger, task_logger
 from amm.measures import memory_reader
 from amm.ordering import WorkerMemoryOrder
-from amm.policy import CHECKPOINT
+from amm.policy import CHECKPOINT, STAYING
 from amm.stats import CycleStats
 
 #: (op, task, worker, bytes added to the worker's expected memory)
@@ -567,26 +567,28 @@ class Cycle:
             return None
 
         # Never drop the last replica on a worker that is staying while the others
-        # are on workers being retired. The key would only have to move back; and a
-        # retirement that runs before this drop is sent sees the copy here, counts
-        # its own as held elsewhere, and lets its worker close with the last one.
-        # (Rebalance, ending a move to a worker that had just started retiring,
-        # lost every key it had moved there that way.)
-        if (
-            self.not_running
-            and choice.status != Status.closing_gracefully
-            and not any(
-                ws is not choice
-                and ws not in pending_drop
-                and ws.status != Status.closing_gracefully
-                for ws in who_has
-            )
+        # are on workers that are leaving: being retired, or closing (a worker in
+        # Worker.close() shows as such until it unregisters, with its replicas).
+        # The key would be lost, or only have to move back; and a retirement that
+        # runs before this drop is sent sees the copy here, counts its own as held
+        # elsewhere, and lets its worker close with the last one. (Rebalance,
+        # ending a move to a worker that had just started retiring, lost every key
+        # it had moved there that way.) From a worker that is leaving itself, a
+        # replica may go if another one is on a worker being retired, whose
+        # retirement moves it (distributed retires all but one of two workers
+        # holding the only copies of a key and retired together); not if the
+        # others are only on workers that close without moving anything.
+        if self.not_running and not any(
+            ws is not choice
+            and ws not in pending_drop
+            and ws.status in (STAYING if choice.status in STAYING else _KEEPERS)
+            for ws in who_has
         ):
             self._reject(
                 "drop",
                 ts,
                 candidates,
-                "the other replicas are on workers that are retiring",
+                "the other replicas are on workers that are leaving",
             )
             return None
 
@@ -728,6 +730,10 @@ class Cycle:
 
 
 _EMPTY: frozenset[Any] = frozenset()
+#: Where the last replicas of a key are safe from a drop off a worker that is
+#: leaving: on workers that stay, or that are being retired (their retirement
+#: moves what only they hold)
+_KEEPERS = STAYING | {Status.closing_gracefully}
 #: A tuple, not a set: membership by equality, so an op a policy got wrong, even
 #: an unhashable one, is simply not among them
 _OPS = ("replicate", "drop")

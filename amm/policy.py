@@ -16,6 +16,7 @@ from distributed.active_memory_manager import (
     ActiveMemoryManagerPolicy as _DistributedPolicy,
 )
 from distributed.active_memory_manager import Suggestion, SuggestionGenerator
+from distributed.core import Status
 from distributed.scheduler import TaskState, WorkerState
 
 if TYPE_CHECKING:
@@ -23,11 +24,18 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CHECKPOINT",
+    "STAYING",
     "ActiveMemoryManagerPolicy",
     "PolicySet",
     "Suggestion",
     "SuggestionGenerator",
 ]
+
+#: The statuses of a worker that is staying in the cluster, so that a replica on
+#: it is safe. Any other is leaving, with its replicas: being retired
+#: (``closing_gracefully``), closing (``Worker.close()``, which the scheduler sees
+#: until the worker unregisters), or gone.
+STAYING: frozenset[Status] = frozenset({Status.running, Status.paused})
 
 
 class _Checkpoint:

@@ -34,6 +34,7 @@ from amm.config import AMMConfigError
 from amm.logs import logger
 from amm.policy import (
     CHECKPOINT,
+    STAYING,
     ActiveMemoryManagerPolicy,
     Suggestion,
     SuggestionGenerator,
@@ -334,9 +335,10 @@ class Rebalance(ActiveMemoryManagerPolicy):
                 # another policy, or the sender left): nothing left to do.
                 self._end_move(move, completed=recipient in who_has)
                 continue
-            if recipient.status == Status.closing_gracefully:
-                # The recipient is being retired: its copy goes with it, and the
-                # sender's must stay (the manager would refuse to drop it anyway)
+            if recipient.status not in STAYING:
+                # The recipient is leaving (retired, closing, gone): its copy goes
+                # with it, and the sender's must stay (the manager would refuse to
+                # drop it anyway)
                 self._end_move(move, completed=False)
                 continue
             if recipient in who_has:
@@ -353,9 +355,6 @@ class Rebalance(ActiveMemoryManagerPolicy):
                     self._end_move(move, completed=True)
                     continue
                 # Rejected, e.g. a dependent is processing on the sender: retry later
-            elif recipient.status == Status.closed:
-                self._end_move(move, completed=False)
-                continue
             if self.cycle - move.started >= self.move_timeout:
                 self._end_move(move, completed=False)
 
@@ -364,7 +363,7 @@ class Rebalance(ActiveMemoryManagerPolicy):
         memory = self.manager.workers_memory
         loads: dict[WorkerState, _Load] = {}
         for ws, nbytes in memory.items():
-            if ws.status not in (Status.running, Status.paused) or not ws.memory_limit:
+            if ws.status not in STAYING or not ws.memory_limit:
                 continue
             loads[ws] = _Load(
                 ws,
@@ -518,7 +517,7 @@ class Rebalance(ActiveMemoryManagerPolicy):
                 # with thousands of them): start it in a fresh slice if this one
                 # is nearly over, and let the slice end after it
                 yield CHECKPOINT
-            if snd.ws.status not in (Status.running, Status.paused):
+            if snd.ws.status not in STAYING:
                 heapq.heappop(snd_heap)  # left or started retiring while suspended
                 continue
             if snd.candidates is None:

@@ -35,7 +35,7 @@ from distributed.scheduler import TaskState, WorkerState
 
 from amm.config import AMMConfigError, option, parse_duration
 from amm.logs import logger
-from amm.policy import ActiveMemoryManagerPolicy, SuggestionGenerator
+from amm.policy import STAYING, ActiveMemoryManagerPolicy, SuggestionGenerator
 
 #: Values accepted by ``amm.retire.on-timeout``
 ON_TIMEOUT = ("abort", "close")
@@ -274,20 +274,21 @@ class RetireWorker(ActiveMemoryManagerPolicy, _DistributedRetireWorker):
         return ws is None or self._held_elsewhere(ws)
 
     def _held_elsewhere(self, ws: WorkerState) -> bool:
-        """Whether every key on ``ws`` has a replica on another worker that is not
-        retiring and that the scheduler can still reach
+        """Whether every key on ``ws`` has a replica on another worker that is
+        staying (neither retiring nor closing, see :data:`amm.policy.STAYING`) and
+        that the scheduler can still reach
         """
         has_what = ws.has_what
         if not all(len(ts.who_has or ()) > 1 for ts in has_what):
             return False
         # Only once the cheap check passes, and only the stream of the first holder
-        # that is not retiring: done() is polled, by every retiring worker, so a
+        # that is staying: done() is polled, by every retiring worker, so a
         # scan of all the streams (unreachable_addresses) each time would add up
         streams = self.manager.scheduler.stream_comms
         return all(
             any(
                 h is not ws
-                and h.status != Status.closing_gracefully
+                and h.status in STAYING
                 and not _closed(streams.get(h.address))
                 for h in ts.who_has or ()
             )

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 from distributed import Event, Lock, wait
 from distributed.core import Status
 from distributed.utils_test import gen_cluster, lock_inc, slowinc, wait_for_state
@@ -184,16 +186,27 @@ async def test_drop_needs_a_holder_among_candidates(c, s, a, b):
     assert chosen == [None, None, ws_b, None]
 
 
-@gen_cluster(client=True, nthreads=[("", 1)] * 3, config=amm_config(policies=[]))
-async def test_never_drops_the_last_replica_off_retiring_workers(c, s, a, b, w):
-    """x is on a and on b, which is retiring. Dropping a's replica would leave x
-    only where it must move from; and a retirement that ran before the drop was
-    sent would count b's replica as held on a, and close b with the last one.
+@pytest.mark.parametrize("leaving", [Status.closing_gracefully, Status.closing])
+def test_never_drops_the_last_replica_off_leaving_workers(leaving):
+    """x is on a and on b, which is leaving: retiring, or closing (Worker.close(),
+    which the scheduler sees until the worker unregisters). Dropping a's replica
+    would leave x only on b, to be lost with it; and with b retiring, a retirement
+    that ran before the drop was sent would count b's replica as held on a, and
+    close b with the last one.
     """
+
+    @gen_cluster(client=True, nthreads=[("", 1)] * 3, config=amm_config(policies=[]))
+    async def test(c, s, a, b, w):
+        await _never_drops_the_last_replica_off_leaving_workers(c, s, a, b, w, leaving)
+
+    test()
+
+
+async def _never_drops_the_last_replica_off_leaving_workers(c, s, a, b, w, leaving):
     ws_a, ws_b, ws_w = (s.workers[x.address] for x in (a, b, w))
     x = await c.scatter({"x": 1}, workers=[a.address, b.address], broadcast=True)
     y = await c.scatter({"y": 1}, broadcast=True)  # noqa: F841
-    s.handle_worker_status_change(Status.closing_gracefully, ws_b, "test")
+    s.handle_worker_status_change(leaving, ws_b, "test")
     chosen = []
 
     class P(ActiveMemoryManagerPolicy):

@@ -12,6 +12,7 @@ import pytest
 
 import dask.config
 from distributed import Event
+from distributed.core import Status
 from distributed.utils_test import async_poll_for, gen_cluster
 
 from amm import (
@@ -21,7 +22,14 @@ from amm import (
     Rebalance,
     ReduceReplicas,
 )
-from amm.testing import Recorder, add_task, add_worker, apply_cycle, new_scheduler
+from amm.testing import (
+    Recorder,
+    add_task,
+    add_worker,
+    apply_cycle,
+    new_scheduler,
+    set_status,
+)
 from conftest import amm_config
 
 MiB = 2**20
@@ -702,3 +710,21 @@ async def test_keys_restricted_to_workers_stay_there(c, s, a, b, d):
 
 def holders(s, key) -> set[str]:
     return {ws.address for ws in s.tasks[key].who_has or ()}
+
+
+@pytest.mark.parametrize("status", [Status.closing, Status.closing_gracefully])
+def test_move_to_a_worker_that_leaves_keeps_the_senders_copy(status):
+    """The keys moved to w1 have landed when w1 starts leaving: retired
+    (closing_gracefully), or closed with Worker.close(), which the scheduler sees
+    as ``closing`` until the worker unregisters. Its copies go with it: ending
+    those moves must not drop w0's, which would lose the keys.
+    """
+    sim = Sim([100 * MiB] * 2, spill_margin=False)
+    keys = sim.fill(0, 50, MiB)
+    sim.cycle()
+    moved = [k for k in keys if sim.holders(k) == {0, 1}]
+    assert moved
+    set_status(sim.s, sim.wss[1], status)
+    sim.cycle()
+    assert all(sim.holders(k) == {0, 1} for k in moved)
+    assert not sim.policy.in_flight

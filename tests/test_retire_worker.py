@@ -1003,3 +1003,18 @@ async def test_retirement_on_a_temporary_manager_shows_in_the_statistics(c, s, a
     assert stats["by_policy"] == {f"RetireWorker({a.address!r})": 1}
     assert not s.extensions["amm"].running
 
+
+
+@gen_cluster(client=True, nthreads=[("", 1)] * 3, config=RUNNING)
+async def test_a_copy_on_a_closing_worker_does_not_count(c, s, a, b, w):
+    """x is on a and on b, which is closing (Worker.close(): the scheduler sees it
+    until b unregisters, with its replicas). Retiring a must copy x to w first,
+    not take b's copy for one held elsewhere and close a with the other.
+    """
+    wire(s)
+    x = await c.scatter({"x": 1}, workers=[a.address, b.address], broadcast=True)
+    ws_b, ws_w = s.workers[b.address], s.workers[w.address]
+    s.handle_worker_status_change(Status.closing, ws_b, "test")
+    assert list(await c.retire_workers([a.address])) == [a.address]
+    assert ws_w in s.tasks["x"].who_has
+    assert await c.gather(x) == {"x": 1}
