@@ -220,6 +220,22 @@ class Rebalance(ActiveMemoryManagerPolicy):
         off = margin is False or isinstance(margin, str) and margin.lower() == "false"
         self.spill_margin = None if off else _fraction(key, margin)
         self.spill_threshold = _spill_threshold()
+        if (
+            self.spill_margin is not None
+            and self.spill_threshold is not None
+            and 2 * self.spill_margin >= self.spill_threshold
+        ):
+            # Recipients must be two margins below the threshold: none could ever
+            # be, and the balancing ceiling (one margin below) would stop balancing
+            # too, without a word
+            logger.warning(
+                "Rebalance: %s=%s is not below half the spill threshold (%s); "
+                "relief before spilling is off",
+                key,
+                margin,
+                self.spill_threshold,
+            )
+            self.spill_margin = None
         self.max_bytes_per_cycle = _nbytes(
             *_setting("max-bytes-per-cycle", max_bytes_per_cycle)
         )

@@ -13,7 +13,7 @@ import pytest
 import dask.config
 from distributed import Event
 from distributed.core import Status
-from distributed.utils_test import async_poll_for, gen_cluster
+from distributed.utils_test import async_poll_for, captured_logger, gen_cluster
 
 from amm import (
     ActiveMemoryManager,
@@ -728,3 +728,20 @@ def test_move_to_a_worker_that_leaves_keeps_the_senders_copy(status):
     sim.cycle()
     assert all(sim.holders(k) == {0, 1} for k in moved)
     assert not sim.policy.in_flight
+
+
+@pytest.mark.parametrize("margin", [0.3, 0.6, 0.7])
+def test_spill_margin_too_wide_turns_relief_off_not_balancing(margin):
+    """With the spill threshold at 0.6 (distributed.worker.memory.target), a
+    recipient would have to be two margins below it: with a margin of 0.3 or more
+    none can be, and from 0.6 on the balancing ceiling (one margin below) is zero.
+    Relief is turned off, with a warning, and balancing goes on.
+    """
+    with dask.config.set({"distributed.worker.memory.target": 0.6}):
+        with captured_logger("distributed.active_memory_manager") as log:
+            sim = Sim([100 * MiB] * 4, spill_margin=margin)
+    assert sim.policy.spill_margin is None
+    assert "relief before spilling is off" in log.getvalue()
+    sim.fill(0, 55, MiB)
+    sim.converge()
+    assert max(sim.fractions()) < 0.3
