@@ -119,7 +119,8 @@ def parse_duration(key: str, value: Any, *, allow_zero: bool = False) -> float:
         )
     try:
         seconds = parse_timedelta(value, default="seconds")
-    except (TypeError, ValueError, KeyError) as e:
+    except (TypeError, ValueError, KeyError, AttributeError, OverflowError) as e:
+        # AttributeError: a list or a dict; OverflowError: "1e400s"
         raise AMMConfigError(
             f"{key}={value!r}: not a time interval (e.g. 2s, 500ms, 0.5): {e}"
         ) from None
