@@ -16,7 +16,8 @@ periodic cycle would keep it.
 
 It only acts while the manager runs periodically and has a ReduceReplicas policy:
 a user who stopped the AMM or configured it without ReduceReplicas gets nothing
-dropped behind their back.
+dropped behind their back. Nor does one whose ReduceReplicas is a subclass with a
+``run()`` of its own: the pass runs the stock rules, which are not that policy's.
 """
 
 from __future__ import annotations
@@ -70,10 +71,7 @@ class EagerReduction:
 
         self._timer = None
         manager = self.manager
-        # this project's ReduceReplicas is one of distributed's
-        periodic = next(
-            (p for p in manager.policies if isinstance(p, _DistReduceReplicas)), None
-        )
+        periodic = next((p for p in manager.policies if _stock_rules(p)), None)
         if not manager.running or periodic is None:
             self.keys.clear()
             return
@@ -89,3 +87,15 @@ class EagerReduction:
             )
         except Exception:
             logger.exception("Eager replica reduction failed")
+
+
+def _stock_rules(policy: object) -> bool:
+    """Whether ``policy`` decides as this project's or distributed's ReduceReplicas
+    (this project's is one of distributed's), which an eager pass reproduces
+    """
+    from amm.policies import ReduceReplicas
+
+    return isinstance(policy, _DistReduceReplicas) and type(policy).run in (
+        ReduceReplicas.run,
+        _DistReduceReplicas.run,
+    )

@@ -11,12 +11,22 @@ import pytest
 from distributed import Event
 from distributed.utils_test import async_poll_for, gen_cluster, inc
 
-from amm import ActiveMemoryManagerPolicy, AMMConfigError
+from amm import ActiveMemoryManagerPolicy, AMMConfigError, ReduceReplicas
 from amm.policy import CHECKPOINT
 from amm import config as amm_config_module
 from conftest import amm_config
 
 import dask
+
+class KeepAll(ReduceReplicas):
+    """A user's ReduceReplicas that keeps every replica: an eager pass, which runs
+    the stock rules, must not drop any either
+    """
+
+    def run(self):
+        return
+        yield
+
 
 # a periodic interval far longer than the test: anything dropped was dropped eagerly
 SLOW = dict(start=True, interval="1h", **{"reduce-replicas.eager-delay": "10ms"})
@@ -94,8 +104,9 @@ def test_eager_pass_follows_the_periodic_policy_rule(rule, far, kept):
         dict(start=False, **{"reduce-replicas.eager-delay": "10ms"}),
         dict(SLOW, **{"reduce-replicas.eager": False}),
         dict(SLOW, policies=[]),
+        dict(SLOW, policies=[{"class": "test_eager.KeepAll"}]),
     ],
-    ids=["manager-stopped", "eager-off", "no-reduce-replicas"],
+    ids=["manager-stopped", "eager-off", "no-reduce-replicas", "rules-of-its-own"],
 )
 def test_nothing_dropped_eagerly_unless_enabled(settings):
     @gen_cluster(client=True, config=amm_config(**settings))
