@@ -153,12 +153,23 @@ class PausedWorkerRestarter:
                 # The worker goes back to paused: restart its clock
                 self.paused_since[address] = monotonic()
                 return
-            out = await s.restart_workers(
-                [address],
-                wait_for_workers=False,
-                on_error="return",
-                stimulus_id=stimulus_id,
-            )
+            if self.retirements.in_progress(address) or address not in s.workers:
+                # Someone else retired it meanwhile (a user, adaptive scale-down),
+                # to remove it: a restart would bring it back
+                logger.info("Paused worker %s is being retired; not restarted", address)
+                return
+            # From now on, a retirement of it leaves it out rather than report it
+            # retired while its nanny starts it again
+            self.retirements.restarting.add(address)
+            try:
+                out = await s.restart_workers(
+                    [address],
+                    wait_for_workers=False,
+                    on_error="return",
+                    stimulus_id=stimulus_id,
+                )
+            finally:
+                self.retirements.restarting.discard(address)
             logger.info("Restarted paused worker %s: %s", address, out.get(address))
         except Exception:
             logger.exception("Failed to restart paused worker %s", address)

@@ -83,6 +83,10 @@ class Retirements:
         self._restoring: dict[str, Status] = {}
         #: The installed manager each temporary manager in use is known to
         self._owners: dict[Any, Any] = {}
+        #: Workers being restarted by their nanny after being drained (see
+        #: :mod:`amm.paused_restart`): a retirement leaves them out, as they come
+        #: back
+        self.restarting: set[str] = set()
 
     def __repr__(self) -> str:
         return f"<Retirements for {self.scheduler.address}>"
@@ -168,6 +172,12 @@ class Retirements:
                 }
             if if_status is not None:
                 wss = {ws for ws in wss if ws.status == if_status}
+            restarting = sorted(ws.address for ws in wss if ws.address in self.restarting)
+            if restarting:
+                scheduler_logger.info(
+                    "Not retiring %s: being restarted (amm.paused-restart)", restarting
+                )
+                wss = {ws for ws in wss if ws.address not in self.restarting}
             if not wss:
                 return {}
 
@@ -326,6 +336,10 @@ class Retirements:
             # ``before`` (no await since)
             await self._until_restored(ws, before)
         return result
+
+    def in_progress(self, address: str) -> bool:
+        """Whether a retirement of the worker at ``address`` is under way"""
+        return address in self._in_progress
 
     def _last_in_progress(self, ws: WorkerState) -> bool:
         return self._in_progress[ws.address][1] == 1

@@ -867,6 +867,40 @@ async def test_paused_worker_is_restarted_without_losing_data(c, s, a, b):
     assert [ev["workers"] for ev in events(s, "restart-workers")] == [[old]]
 
 
+@gen_cluster(client=True, Worker=Nanny, nthreads=[("", 1)] * 2, config=PAUSED_RESTART)
+async def test_retiring_a_worker_the_restart_drains_does_not_lie(c, s, a, b):
+    """A user retires the worker just as the restart drains it. Whichever goes
+    first, what the user is told holds: either the worker is retired (removed and
+    closed, not restarted), or it is left out of the result (and restarted). It
+    was reported retired, and its nanny then started it again.
+    """
+    wire(s)
+    addr = a.worker_address
+    futures = await c.scatter({f"x{i}": i for i in range(5)}, workers=[addr])
+    with captured_logger(AMM_LOGGER, logging.INFO) as log:
+        async with s._replica_lock("rebalance"):
+            await c.run(PAUSE, workers=[addr])
+            while "moving its data to other workers" not in log.getvalue():
+                await asyncio.sleep(0.05)
+            user = asyncio.create_task(c.retire_workers([addr]))  # closes it
+            await asyncio.sleep(0.5)  # both wait for the lock
+        retired = list(await user)
+        await async_poll_for(
+            lambda: "not restarted" in log.getvalue() or events(s, "restart-workers"),
+            timeout=10,
+        )
+    if retired:
+        assert retired == [addr]
+        assert not events(s, "restart-workers")
+        await async_poll_for(lambda: a.status == Status.closed, timeout=10)
+        assert list(s.workers) == [b.worker_address]
+    else:
+        assert [ev["workers"] for ev in events(s, "restart-workers")] == [[addr]]
+        await async_poll_for(lambda: len(s.workers) == 2, timeout=10)
+        assert addr not in s.workers
+    assert await c.gather(futures) == {f"x{i}": i for i in range(5)}
+
+
 RESUME = lambda dask_worker: setattr(dask_worker, "status", Status.running)  # noqa: E731
 
 
