@@ -27,6 +27,7 @@ from typing import Any
 import dask.config
 from dask.utils import parse_bytes
 from distributed.core import Status
+from distributed.metrics import time
 from distributed.scheduler import TaskState, WorkerState
 
 from amm import config
@@ -57,6 +58,9 @@ DISTRIBUTED_THRESHOLDS = {
 CANDIDATE_BYTES_FACTOR = 2
 MIN_CANDIDATES = 16
 MAX_KEYS_SCANNED = 10_000
+#: Cycles after which what a recipient received counts as shown by the measure,
+#: even if no heartbeat came (a synthetic state, a worker that stopped reporting)
+MAX_SETTLING_CYCLES = 10
 #: Keys tried without a suggestion between two CHECKPOINTs
 CHECKPOINT_EVERY = 256
 
@@ -76,6 +80,17 @@ class _Move:
     recipient: WorkerState
     nbytes: int
     started: int
+
+
+@dataclass(eq=False)
+class _Settling:
+    """What a worker that received in cycle ``cycle`` was expected to hold after it;
+    ``landed_since``: when all it was sent was first seen landed
+    """
+
+    memory: int
+    cycle: int
+    landed_since: float | None = None
 
 
 @dataclass(eq=False)
@@ -254,6 +269,8 @@ class Rebalance(ActiveMemoryManagerPolicy):
         self._cooldown_queue: deque[tuple[int, TaskState]] = deque()
         # Last cycle in which each worker received data
         self._received: dict[WorkerState, int] = {}
+        # Recipients, until their memory shows what they received: see _settle
+        self._settling: dict[WorkerState, _Settling] = {}
         # Balancing roles that carry over between cycles: True = sender
         self._roles: dict[WorkerState, bool] = {}
         # Workers being relieved, to log when one starts
@@ -306,6 +323,9 @@ class Rebalance(ActiveMemoryManagerPolicy):
         started = self.moves_started
         yield from self._relieve(loads)
         yield from self._balance(loads)
+        for load in loads.values():
+            if load.received:
+                self._settling[load.ws] = _Settling(load.memory, self.cycle)
         if self.moves_started > started:
             logger.debug(
                 "Rebalance: moving %d keys; %d moves in flight",
@@ -328,6 +348,9 @@ class Rebalance(ActiveMemoryManagerPolicy):
             self.moves_completed += 1
         else:
             self.moves_abandoned += 1
+            entry = self._settling.get(move.recipient)
+            if entry is not None:
+                entry.memory -= move.nbytes  # what it was expected to hold assumed it
         if self.key_cooldown:
             expiry = self.cycle + self.key_cooldown
             self._cooldown[move.ts] = expiry
@@ -397,6 +420,7 @@ class Rebalance(ActiveMemoryManagerPolicy):
             del received[ws]
         # Moves in flight: the recipient will hold the key, the sender won't; both
         # are busy with the transfer, which counts against this cycle's budget.
+        receiving: set[WorkerState] = set()
         for move in self._moves.values():
             landed = move.recipient in (move.ts.who_has or ())
             snd = loads.get(move.sender)
@@ -404,11 +428,46 @@ class Rebalance(ActiveMemoryManagerPolicy):
                 snd.memory -= move.nbytes
                 if not landed:
                     snd.budget -= move.nbytes
+            if not landed:
+                receiving.add(move.recipient)
             rec = loads.get(move.recipient)
             if rec is not None and not landed:
                 rec.memory += move.nbytes
                 rec.budget -= move.nbytes
+        self._settle(loads, receiving)
         return loads
+
+    def _settle(
+        self, loads: dict[WorkerState, _Load], receiving: set[WorkerState]
+    ) -> None:
+        """Count the moves that landed but that the measure may not show yet.
+
+        The measures cap managed memory at the process memory of the worker's last
+        heartbeat (``MemoryState``), so a key that lands on a worker may show only
+        at its next heartbeat: on a large cluster, an AMM interval or more later.
+        Meanwhile the recipient looked as empty as before it received, was sent
+        more, past the mean, and sent the excess back once the keys' cooldown
+        ended. So until a heartbeat comes after all it was sent has landed, a
+        recipient counts at least what this policy expected it to hold. (Where the
+        measure shows the keys, the two agree; if the worker freed memory
+        meanwhile, it receives less for a heartbeat.) A sender needs nothing of the
+        kind: a drop lowers its managed memory at once, under the cap.
+        """
+        settling = self._settling
+        now = time()
+        for ws, entry in list(settling.items()):
+            load = loads.get(ws)
+            if load is None or self.cycle - entry.cycle > MAX_SETTLING_CYCLES:
+                del settling[ws]
+                continue
+            if ws in receiving:
+                entry.landed_since = None
+            elif entry.landed_since is None:
+                entry.landed_since = now
+            elif ws.last_seen > entry.landed_since:
+                del settling[ws]  # heard from since: the measure shows it
+                continue
+            load.memory = max(load.memory, entry.memory)
 
     # -- relief ----------------------------------------------------------------
 

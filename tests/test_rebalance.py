@@ -13,6 +13,7 @@ import pytest
 import dask.config
 from distributed import Event
 from distributed.core import Status
+from distributed.metrics import time
 from distributed.utils_test import async_poll_for, captured_logger, gen_cluster
 
 from amm import (
@@ -745,3 +746,50 @@ def test_spill_margin_too_wide_turns_relief_off_not_balancing(margin):
     sim.fill(0, 55, MiB)
     sim.converge()
     assert max(sim.fractions()) < 0.3
+
+
+def test_heartbeat_lag_neither_overfills_nor_bounces():
+    """The default measure (optimistic) caps managed memory at the process memory
+    of the last heartbeat: a key that lands on a worker only shows at its next
+    heartbeat, which on a large cluster comes an AMM interval or more later. The
+    moves that landed must still count until then: counted neither in flight nor
+    in the measure, the recipient looked as empty as before it received, was sent
+    more, past the mean, and sent the excess back once the keys' cooldown ended.
+    """
+    s = new_scheduler()
+    recorder = Recorder(s)
+    wss = [add_worker(s, f"tcp://w{i}:1", memory_limit=100 * MiB) for i in range(2)]
+    unmanaged = {wss[0]: 0, wss[1]: 30 * MiB}
+    for ws in wss:
+        ws._memory_unmanaged_old = unmanaged[ws]
+    for i in range(60):
+        add_task(s, f"x{i}", MiB, [wss[0]])
+    reported: list[dict] = []
+
+    def heartbeat(lag: int) -> None:
+        """Each worker reports the process memory it had ``lag`` cycles ago"""
+        reported.append({ws: ws.nbytes + unmanaged[ws] for ws in wss})
+        snapshot = reported[max(0, len(reported) - 1 - lag)]
+        for ws in wss:
+            ws.metrics["memory"] = snapshot[ws]
+            ws.last_seen = time()
+
+    heartbeat(0)
+    policy = Rebalance(spill_margin=False)
+    manager = ActiveMemoryManager(
+        s, [policy], measure="optimistic", register=False, start=False
+    )
+    received: Counter[str] = Counter()
+    peak = 0.0
+    for _ in range(40):
+        manager.run_once()
+        sent = recorder.pop()
+        apply_cycle(s, sent)
+        for op, addr, keys in sent:
+            if op == "acquire-replicas":
+                received[addr] += len(keys)
+        heartbeat(1)
+        peak = max(peak, (wss[1].nbytes + unmanaged[wss[1]]) / wss[1].memory_limit)
+    mean = sum(ws.nbytes + unmanaged[ws] for ws in wss) / (200 * MiB)
+    assert list(received) == [wss[1].address]  # nothing came back
+    assert peak <= mean + policy.sender_recipient_gap / 2
