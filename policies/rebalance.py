@@ -349,8 +349,9 @@ class Rebalance(ActiveMemoryManagerPolicy):
         else:
             self.moves_abandoned += 1
             entry = self._settling.get(move.recipient)
-            if entry is not None:
-                entry.memory -= move.nbytes  # what it was expected to hold assumed it
+            if entry is not None and move.recipient not in (move.ts.who_has or ()):
+                # what it was expected to hold assumed the key would land there
+                entry.memory -= move.nbytes
         if self.key_cooldown:
             expiry = self.cycle + self.key_cooldown
             self._cooldown[move.ts] = expiry

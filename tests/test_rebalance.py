@@ -18,6 +18,7 @@ from distributed.utils_test import async_poll_for, captured_logger, gen_cluster
 
 from amm import (
     ActiveMemoryManager,
+    ActiveMemoryManagerPolicy,
     AMMClient,
     AMMConfigError,
     Rebalance,
@@ -748,6 +749,79 @@ def test_spill_margin_too_wide_turns_relief_off_not_balancing(margin):
     assert max(sim.fractions()) < 0.3
 
 
+class LaggingHeartbeats:
+    """Two workers of 100 MiB, all data on w0, 30 MiB of unmanaged memory on w1;
+    each worker reports at every cycle the process memory it had ``lag`` cycles
+    before, as a heartbeat an interval apart would
+    """
+
+    def __init__(self, nkeys: int, lag: int, policies: list[Any]):
+        self.s = new_scheduler()
+        self.recorder = Recorder(self.s)
+        self.wss = [
+            add_worker(self.s, f"tcp://w{i}:1", memory_limit=100 * MiB) for i in range(2)
+        ]
+        self.unmanaged = {self.wss[0]: 0, self.wss[1]: 30 * MiB}
+        for ws in self.wss:
+            ws._memory_unmanaged_old = self.unmanaged[ws]
+        for i in range(nkeys):
+            add_task(self.s, f"x{i}", MiB, [self.wss[0]])
+        self.lag = lag
+        self.reported: list[dict] = []
+        self.heartbeat()
+        self.manager = ActiveMemoryManager(
+            self.s, policies, measure="optimistic", register=False, start=False
+        )
+
+    def heartbeat(self) -> None:
+        self.reported.append({ws: ws.nbytes + self.unmanaged[ws] for ws in self.wss})
+        snapshot = self.reported[max(0, len(self.reported) - 1 - self.lag)]
+        for ws in self.wss:
+            ws.metrics["memory"] = snapshot[ws]
+            ws.last_seen = time()
+
+    def cycle(self) -> list[tuple[str, str, list[Any]]]:
+        self.manager.run_once()
+        sent = self.recorder.pop()
+        apply_cycle(self.s, sent)
+        self.heartbeat()
+        return sent
+
+    def fraction(self, w: int) -> float:
+        ws = self.wss[w]
+        return (ws.nbytes + self.unmanaged[ws]) / ws.memory_limit
+
+
+class KeepTwo(ActiveMemoryManagerPolicy):
+    """Keeps two replicas of every key once ``on``: drops are refused"""
+
+    on = False
+
+    def run(self):
+        return
+        yield
+
+    def desired_replicas(self, ts):
+        return 2 if self.on else 1
+
+
+def test_move_given_up_after_landing_still_counts_on_the_recipient():
+    """The copies land on w1, but the drops off w0 are refused until the moves
+    time out: w1 holds the keys all the same. While the measure lags, what
+    Rebalance expects w1 to hold must still count them; it took them off, and w1
+    looked as empty as before it received.
+    """
+    keep = KeepTwo()
+    policy = Rebalance(spill_margin=False, move_timeout=1)
+    sim = LaggingHeartbeats(60, lag=1, policies=[keep, policy])
+    assert sim.cycle()
+    keep.on = True
+    sim.cycle()
+    assert policy.moves_abandoned > 0
+    w1 = sim.wss[1]
+    assert policy._settling[w1].memory >= w1.nbytes + sim.unmanaged[w1]
+
+
 def test_heartbeat_lag_neither_overfills_nor_bounces():
     """The default measure (optimistic) caps managed memory at the process memory
     of the last heartbeat: a key that lands on a worker only shows at its next
@@ -756,40 +830,15 @@ def test_heartbeat_lag_neither_overfills_nor_bounces():
     in the measure, the recipient looked as empty as before it received, was sent
     more, past the mean, and sent the excess back once the keys' cooldown ended.
     """
-    s = new_scheduler()
-    recorder = Recorder(s)
-    wss = [add_worker(s, f"tcp://w{i}:1", memory_limit=100 * MiB) for i in range(2)]
-    unmanaged = {wss[0]: 0, wss[1]: 30 * MiB}
-    for ws in wss:
-        ws._memory_unmanaged_old = unmanaged[ws]
-    for i in range(60):
-        add_task(s, f"x{i}", MiB, [wss[0]])
-    reported: list[dict] = []
-
-    def heartbeat(lag: int) -> None:
-        """Each worker reports the process memory it had ``lag`` cycles ago"""
-        reported.append({ws: ws.nbytes + unmanaged[ws] for ws in wss})
-        snapshot = reported[max(0, len(reported) - 1 - lag)]
-        for ws in wss:
-            ws.metrics["memory"] = snapshot[ws]
-            ws.last_seen = time()
-
-    heartbeat(0)
     policy = Rebalance(spill_margin=False)
-    manager = ActiveMemoryManager(
-        s, [policy], measure="optimistic", register=False, start=False
-    )
+    sim = LaggingHeartbeats(60, lag=1, policies=[policy])
     received: Counter[str] = Counter()
     peak = 0.0
     for _ in range(40):
-        manager.run_once()
-        sent = recorder.pop()
-        apply_cycle(s, sent)
-        for op, addr, keys in sent:
+        for op, addr, keys in sim.cycle():
             if op == "acquire-replicas":
                 received[addr] += len(keys)
-        heartbeat(1)
-        peak = max(peak, (wss[1].nbytes + unmanaged[wss[1]]) / wss[1].memory_limit)
-    mean = sum(ws.nbytes + unmanaged[ws] for ws in wss) / (200 * MiB)
-    assert list(received) == [wss[1].address]  # nothing came back
+        peak = max(peak, sim.fraction(1))
+    mean = (sim.fraction(0) + sim.fraction(1)) / 2
+    assert list(received) == [sim.wss[1].address]  # nothing came back
     assert peak <= mean + policy.sender_recipient_gap / 2
