@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 import pytest
 
@@ -867,6 +869,19 @@ async def test_paused_worker_is_restarted_without_losing_data(c, s, a, b):
     assert [ev["workers"] for ev in events(s, "restart-workers")] == [[old]]
 
 
+@asynccontextmanager
+async def restart_waiting_for_the_lock(c, s, addr: str, log) -> AsyncIterator[None]:
+    """Pause the worker at ``addr`` for good, and hold the lock that rebalance()
+    and replicate() take until its restart is about to drain it and waits for the
+    lock; it drains once the block ends
+    """
+    async with s._replica_lock("rebalance"):
+        await c.run(PAUSE, workers=[addr])
+        while "moving its data to other workers" not in log.getvalue():
+            await asyncio.sleep(0.05)
+        yield
+
+
 @gen_cluster(client=True, Worker=Nanny, nthreads=[("", 1)] * 2, config=PAUSED_RESTART)
 async def test_retiring_a_worker_the_restart_drains_does_not_lie(c, s, a, b):
     """A user retires the worker just as the restart drains it. Whichever goes
@@ -878,10 +893,7 @@ async def test_retiring_a_worker_the_restart_drains_does_not_lie(c, s, a, b):
     addr = a.worker_address
     futures = await c.scatter({f"x{i}": i for i in range(5)}, workers=[addr])
     with captured_logger(AMM_LOGGER, logging.INFO) as log:
-        async with s._replica_lock("rebalance"):
-            await c.run(PAUSE, workers=[addr])
-            while "moving its data to other workers" not in log.getvalue():
-                await asyncio.sleep(0.05)
+        async with restart_waiting_for_the_lock(c, s, addr, log):
             user = asyncio.create_task(c.retire_workers([addr]))  # closes it
             await asyncio.sleep(0.5)  # both wait for the lock
         retired = list(await user)
@@ -913,10 +925,7 @@ async def test_worker_that_resumes_while_restart_waits_is_left_alone(c, s, a, b)
     addr = a.worker_address
     futures = await c.scatter({f"x{i}": i for i in range(5)}, workers=[addr])
     with captured_logger(AMM_LOGGER, logging.INFO) as log:
-        async with s._replica_lock("rebalance"):
-            await c.run(PAUSE, workers=[addr])
-            while "moving its data to other workers" not in log.getvalue():
-                await asyncio.sleep(0.05)
+        async with restart_waiting_for_the_lock(c, s, addr, log):
             await c.run(RESUME, workers=[addr])
             while s.workers[addr].status != Status.running:
                 await asyncio.sleep(0.01)
