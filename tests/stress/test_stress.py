@@ -68,6 +68,7 @@ from distributed.utils_test import gen_cluster
 
 from amm import ActiveMemoryManager, AMMClient, ReplicateN, RetireWorker
 from amm.replication import ReplicationClient
+from amm.retirement import PAUSED_RESTART_CALLBACK
 from conftest import amm_config
 from stress import workload
 from stress.workload import SlowGatherDep
@@ -329,11 +330,25 @@ class Stress:
             [getattr(h, "gather_delay", 0.0) for h in self.handles.values()] + [0.0]
         )
 
+    def restarting(self) -> set[str]:
+        """Workers whose restart (amm.paused-restart) is under way: drained (what
+        they hold is held elsewhere too) and about to go with their copies
+        """
+        pc = self.s.periodic_callbacks.get(PAUSED_RESTART_CALLBACK)
+        restarter = getattr(getattr(pc, "callback", None), "__self__", None)
+        return set(getattr(restarter, "restarting", ()))
+
     def expect_loss(self, addr: str, why: str) -> None:
         """``addr`` is about to go with its data: the keys held only there (and
-        those computed from them, which can't be recomputed) are no longer checked
+        those computed from them, which can't be recomputed) are no longer checked.
+        Nor are those held there and on a worker being restarted: that worker was
+        drained while ``addr`` held a copy, and the two go at once (a double
+        failure, which no manager can survive).
         """
-        gone = self.gone | {addr}
+        restarting = self.restarting()
+        if restarting:
+            self.note(f"restart under way of {sorted(restarting)}")
+        gone = self.gone | {addr} | restarting
         lost = {
             key
             for key, ts in self.s.tasks.items()
