@@ -18,6 +18,7 @@ from conftest import amm_config
 
 import dask
 
+
 class KeepAll(ReduceReplicas):
     """A user's ReduceReplicas that keeps every replica: an eager pass, which runs
     the stock rules, must not drop any either
