@@ -578,19 +578,19 @@ class Cycle:
         # retirement moves it (distributed retires all but one of two workers
         # holding the only copies of a key and retired together); not if the
         # others are only on workers that close without moving anything.
-        if self.not_running and not any(
-            ws is not choice
-            and ws not in pending_drop
-            and ws.status in (STAYING if choice.status in STAYING else _KEEPERS)
-            for ws in who_has
-        ):
-            self._reject(
-                "drop",
-                ts,
-                candidates,
-                "the other replicas are on workers that are leaving",
-            )
-            return None
+        if self.not_running:
+            keepers = STAYING if choice.status in STAYING else _KEEPERS
+            if not any(
+                ws is not choice and ws not in pending_drop and ws.status in keepers
+                for ws in who_has
+            ):
+                self._reject(
+                    "drop",
+                    ts,
+                    candidates,
+                    "the other replicas are on workers that are leaving",
+                )
+                return None
 
         if self.log_tasks:
             task_logger.debug(
