@@ -495,19 +495,22 @@ class Retirements:
         address = ws.address
         if status == Status.closing_gracefully:
             return
+
+        def unconfirmed() -> bool:
+            return (
+                ws.status == Status.closing_gracefully
+                and self.scheduler.workers.get(address) is ws
+            )
+
         self._restoring[address] = status
         deadline = monotonic() + RESTORE_WAIT
         while (
-            ws.status == Status.closing_gracefully
-            and self.scheduler.workers.get(address) is ws
+            unconfirmed()
             and address not in self._in_progress
             and monotonic() < deadline
         ):
             await asyncio.sleep(0.005)
-        if address not in self._in_progress and (
-            ws.status != Status.closing_gracefully
-            or self.scheduler.workers.get(address) is not ws
-        ):
+        if address not in self._in_progress and not unconfirmed():
             self._restoring.pop(address, None)
 
 
