@@ -28,7 +28,7 @@ from dask.typing import Key
 from distributed import Client, Future, futures_of
 from distributed.core import Status
 from distributed.metrics import monotonic
-from distributed.scheduler import Scheduler
+from distributed.scheduler import Scheduler, TaskState
 
 from amm import config
 from amm.logs import logger
@@ -106,6 +106,54 @@ class _ReplicateNow(ActiveMemoryManagerPolicy):
                     return
         finally:
             suggestions.close()
+
+
+class _DropAbove(ActiveMemoryManagerPolicy):
+    """``Client.replicate(..., delete=True)`` (its default): drop the replicas of
+    ``tasks`` above ``n`` among the workers at ``addresses`` (any if None), as
+    distributed's ``Scheduler.replicate`` does once the copies exist. Through the
+    manager, so that no drop breaks its rules: not the copy a running dependent
+    reads, not below the count another policy keeps (ReplicateN's new target is
+    ``n`` itself), and the most loaded holders first, where distributed picks at
+    random.
+    """
+
+    resumable = True
+
+    def __init__(
+        self,
+        tasks: list[TaskState],
+        n: int,
+        addresses: frozenset[str] | None,
+        counted_as: ReplicateN | None,
+    ):
+        self.tasks = tasks
+        self.n = n
+        self.addresses = addresses
+        if counted_as is not None:
+            #: in the statistics, what it accepts is ReplicateN's, which serves
+            #: Client.replicate (as the drops of its own _drop_outside are)
+            self.counted_as = counted_as
+        #: the run went through every key (rather than being stopped midway)
+        self.finished = False
+
+    def __repr__(self) -> str:
+        return "Client.replicate(delete=True)"
+
+    def run(self) -> SuggestionGenerator:
+        addresses = self.addresses
+        for ts in self.tasks:
+            holders = {
+                ws
+                for ws in ts.who_has or ()
+                if addresses is None or ws.address in addresses
+            }
+            for _ in range(len(holders) - self.n):
+                ws = yield ("drop", ts, holders)
+                if ws is None:
+                    break
+                holders.discard(ws)  # a candidate set may lose workers, not gain
+        self.finished = True
 
 
 def install_replication(scheduler: Scheduler, manager: ActiveMemoryManager) -> Replication:
@@ -238,8 +286,9 @@ class Replication:
 
         Unlike distributed's, the copies are then kept. ``branching_factor`` is
         accepted and unused: the manager bounds the transfers per recipient instead
-        (``amm.replicate.max-per-worker``). ``delete`` is accepted and unused too:
-        replicas above ``n`` are dropped by ReduceReplicas, when it is configured.
+        (``amm.replicate.max-per-worker``). ``delete`` drops the replicas above
+        ``n`` among ``workers`` before returning, as distributed does, but through
+        the manager (see :class:`_DropAbove`).
         """
         if (
             not isinstance(branching_factor, int)
@@ -271,7 +320,7 @@ class Replication:
             if addresses is not None:
                 # distributed's "send to one of specific workers": untracked, that
                 # is a one-off copy, which distributed's own method makes (and logs)
-                return await Scheduler.replicate(  # type: ignore[no-any-return]
+                out = await Scheduler.replicate(
                     self.scheduler,
                     keys=keys,
                     n=1,
@@ -280,8 +329,13 @@ class Replication:
                     delete=False,
                     stimulus_id=stimulus_id,
                 )
+                if out is None and delete:
+                    await self._drop_above(keys, 1, addresses)
+                return out  # type: ignore[no-any-return]
         else:
             await self.wait(keys)
+        if delete and n != ALL:
+            await self._drop_above(keys, n, addresses)
         # distributed's event, which dashboards and tests read
         self.scheduler.log_event(
             "all",
@@ -389,6 +443,34 @@ class Replication:
                 return
             if not any(policy.in_flight(k) for k in remaining):
                 self.kick()
+            await asyncio.sleep(poll)
+            poll = min(poll * 1.5, POLL)
+
+    async def _drop_above(
+        self, keys: list[Key], n: int, addresses: frozenset[str] | None
+    ) -> None:
+        """Drop the replicas of ``keys`` above ``n`` among ``addresses``, and return
+        once the drops are sent (the scheduler forgets the replicas at once). The
+        run waits for a cycle in progress to end, and may itself take several time
+        slices.
+        """
+        tasks = self.scheduler.tasks
+        policy = _DropAbove(
+            [ts for k in keys if (ts := tasks.get(k)) is not None],
+            n,
+            addresses,
+            self.current(),
+        )
+        manager = self.manager
+        poll = FIRST_POLL
+        while not manager.run_policies_once([policy]):
+            # a cycle is suspended between two time slices
+            if self.scheduler.status in (Status.closing, Status.closed):
+                return
+            await asyncio.sleep(poll)
+            poll = min(poll * 1.5, POLL)
+        poll = FIRST_POLL
+        while not policy.finished and manager.cycle_in_progress:
             await asyncio.sleep(poll)
             poll = min(poll * 1.5, POLL)
 

@@ -120,6 +120,99 @@ async def test_client_replicate_is_kept(c, s, *workers):
     assert [(ev["n"], ev["key-count"]) for ev in events] == [(3, 1), ("all", 1), (1, 1)]
 
 
+@gen_cluster(client=True, nthreads=[("", 1)] * 4, config=config())
+async def test_client_replicate_with_a_lower_n_drops_the_extra_copies(c, s, *workers):
+    """As distributed (delete=True, Client.replicate's default): replicate returns
+    with the replicas above n dropped, not at some later ReduceReplicas cycle
+    (here the AMM is stopped, so none comes)
+    """
+    replication(s)
+    assert not s.extensions["amm"].running
+    x = c.submit(inc, 1, key="x")
+    await x
+    await c.replicate([x], n=4)
+    assert len(holders(s, "x")) == 4
+    stats = s.extensions["amm"].stats.total
+    before = stats.by_class["ReplicateN"]
+    await c.replicate([x], n=2)
+    assert len(holders(s, "x")) == 2
+    # the drops count as ReplicateN's, which serves Client.replicate
+    assert stats.by_class["ReplicateN"] == before + 2
+    (entry,) = await ReplicationClient(c).tracked()
+    assert entry["n"] == 2
+    # n=1 untracks the key, and drops down to one copy too
+    await c.replicate([x], n=3)
+    await c.replicate([x], n=1)
+    assert len(holders(s, "x")) == 1
+    assert await ReplicationClient(c).tracked() == []
+    assert await x == 2
+    # delete=False (the scheduler's method; Client.replicate has no such argument)
+    await c.replicate([x], n=3)
+    await s.replicate(keys=["x"], n=2, delete=False)
+    assert len(holders(s, "x")) == 3
+
+
+@gen_cluster(client=True, nthreads=[("", 1)] * 3, config=config())
+async def test_client_replicate_delete_over_several_time_slices(c, s, a, b, d):
+    """The drops may take several slices, and a cycle may be suspended when they
+    start: replicate returns once they are all sent
+    """
+    replication(s)
+    m = s.extensions["amm"]
+    xs = c.map(inc, range(200), key=[f"x-{i}" for i in range(200)])
+    await c.replicate(xs, n=3)
+    m.time_slice = 0  # every check point is past the deadline
+
+    class Slow(ActiveMemoryManagerPolicy):
+        resumable = True
+
+        def run(self):
+            for _ in range(5):
+                yield CHECKPOINT
+
+    m.run_policies_once([Slow()])
+    assert m.cycle_in_progress  # suspended: the drops wait for it to end
+    await c.replicate(xs, n=2)
+    assert all(len(holders(s, f"x-{i}")) == 2 for i in range(200))
+    assert m.stats.cycles_sliced >= 2
+
+
+@gen_cluster(client=True, nthreads=[("", 1)] * 4, config=config())
+async def test_client_replicate_delete_counts_the_given_workers_only(c, s, a, b, d, e):
+    """With workers=, as in distributed, the replicas above n among those workers
+    are dropped, and the others are left alone
+    """
+    replication(s)
+    x = await c.scatter({"x": 1}, workers=[a.address])
+    await c.replicate(list(x.values()), n=4)
+    await c.replicate(list(x.values()), n=1, workers=[b.address, d.address])
+    assert len(holders(s, "x") & {b.address, d.address}) == 1
+    assert {a.address, e.address} <= holders(s, "x")
+
+
+@gen_cluster(client=True, nthreads=[("", 1)] * 3, config=config(measure="managed"))
+async def test_client_replicate_delete_keeps_the_copy_a_running_task_reads(c, s, a, b, d):
+    """The drops go through the manager: a dependent processing on a holder keeps
+    that holder's copy, though it is the most loaded, which the manager would
+    otherwise drop first (distributed's delete picks holders at random)
+    """
+    replication(s)
+    ev = Event()
+    x = (await c.scatter({"x": 1}, workers=[a.address]))["x"]
+    clutter = await c.scatter("x" * 10_000, workers=[a.address])  # noqa: F841
+    await c.replicate([x], n=3)
+    wss = [s.workers[w.address] for w in (a, b, d)]
+    assert wss[0].nbytes > max(ws.nbytes for ws in wss[1:])
+    z = c.submit(lambda x, ev: ev.wait(), x, ev, key="z", workers=[a.address])
+    await async_poll_for(
+        lambda: "z" in s.tasks and s.tasks["z"].state == "processing", timeout=5
+    )
+    await c.replicate([x], n=1)
+    assert holders(s, "x") == {a.address}
+    await ev.set()
+    await z
+
+
 @gen_cluster(client=True, nthreads=[("", 1)] * 3, config=config(**RUNNING))
 async def test_scatter_broadcast_is_kept_and_reaches_new_workers(c, s, *workers):
     replication(s)
