@@ -455,12 +455,14 @@ class Replication:
         slices.
         """
         tasks = self.scheduler.tasks
-        policy = _DropAbove(
-            [ts for k in keys if (ts := tasks.get(k)) is not None],
-            n,
-            addresses,
-            self.current(),
-        )
+        above = [
+            ts
+            for k in keys
+            if (ts := tasks.get(k)) is not None and len(ts.who_has or ()) > n
+        ]
+        if not above:
+            return  # the common case: don't wait for a cycle in progress
+        policy = _DropAbove(above, n, addresses, self.current())
         manager = self.manager
         poll = FIRST_POLL
         while not manager.run_policies_once([policy]):

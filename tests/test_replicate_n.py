@@ -177,6 +177,37 @@ async def test_client_replicate_delete_over_several_time_slices(c, s, a, b, d):
     assert m.stats.cycles_sliced >= 2
 
 
+@gen_cluster(client=True, nthreads=[("", 1)] * 3, config=config())
+async def test_client_replicate_with_nothing_to_drop_does_not_wait_for_a_cycle(
+    c, s, a, b, d
+):
+    """A call that drops nothing runs no cycle of drops, so it does not wait for a
+    cycle in progress to end if the copies exist already
+    """
+    replication(s)
+    m = s.extensions["amm"]
+    x = await c.scatter({"x": 1}, workers=[a.address])
+    await c.replicate(list(x.values()), n=2)
+    m.time_slice = 0
+    until = monotonic() + 3
+
+    class Long(ActiveMemoryManagerPolicy):
+        """A cycle that lasts 3 s, one short slice after another"""
+
+        resumable = True
+
+        def run(self):
+            while monotonic() < until:
+                yield CHECKPOINT
+
+    m.run_policies_once([Long()])
+    await asyncio.sleep(0.05)
+    assert m.cycle_in_progress
+    await c.replicate(list(x.values()), n=2)
+    assert len(holders(s, "x")) == 2
+    assert m.cycle_in_progress
+
+
 @gen_cluster(client=True, nthreads=[("", 1)] * 4, config=config())
 async def test_client_replicate_delete_counts_the_given_workers_only(c, s, a, b, d, e):
     """With workers=, as in distributed, the replicas above n among those workers
