@@ -108,7 +108,7 @@ class _ReplicateNow(ActiveMemoryManagerPolicy):
             suggestions.close()
 
 
-class _DropAbove(ActiveMemoryManagerPolicy):
+class ReplicateDelete(ActiveMemoryManagerPolicy):
     """``Client.replicate(..., delete=True)`` (its default): drop the replicas of
     ``tasks`` above ``n`` among the workers at ``addresses`` (any if None), as
     distributed's ``Scheduler.replicate`` does once the copies exist. Through the
@@ -116,6 +116,9 @@ class _DropAbove(ActiveMemoryManagerPolicy):
     reads, not below the count another policy keeps (ReplicateN's new target is
     ``n`` itself), and the most loaded holders first, where distributed picks at
     random.
+
+    A run cut short (the manager stopped between two time slices) is started
+    again by :meth:`Replication._drop_above`, from the key it had reached.
     """
 
     resumable = True
@@ -134,15 +137,31 @@ class _DropAbove(ActiveMemoryManagerPolicy):
             #: in the statistics, what it accepts is ReplicateN's, which serves
             #: Client.replicate (as the drops of its own _drop_outside are)
             self.counted_as = counted_as
-        #: the run went through every key (rather than being stopped midway)
-        self.finished = False
+        #: the position in ``tasks`` of the key being worked on
+        self.position = 0
+        #: suggestions the manager answered, over all runs
+        self.answered = 0
 
     def __repr__(self) -> str:
         return "Client.replicate(delete=True)"
 
+    @property
+    def finished(self) -> bool:
+        return self.position >= len(self.tasks)
+
+    @property
+    def progress(self) -> int:
+        """Grows with every step of a run: a run that ends (stopped, not
+        finished) without making any failed
+        """
+        return self.position + self.answered
+
     def run(self) -> SuggestionGenerator:
         addresses = self.addresses
-        for ts in self.tasks:
+        while not self.finished:
+            # holders read afresh: a key a cut run was working on resumes with the
+            # copies its sent drops left
+            ts = self.tasks[self.position]
             holders = {
                 ws
                 for ws in ts.who_has or ()
@@ -150,10 +169,11 @@ class _DropAbove(ActiveMemoryManagerPolicy):
             }
             for _ in range(len(holders) - self.n):
                 ws = yield ("drop", ts, holders)
+                self.answered += 1
                 if ws is None:
                     break
                 holders.discard(ws)  # a candidate set may lose workers, not gain
-        self.finished = True
+            self.position += 1
 
 
 def install_replication(scheduler: Scheduler, manager: ActiveMemoryManager) -> Replication:
@@ -288,7 +308,7 @@ class Replication:
         accepted and unused: the manager bounds the transfers per recipient instead
         (``amm.replicate.max-per-worker``). ``delete`` drops the replicas above
         ``n`` among ``workers`` before returning, as distributed does, but through
-        the manager (see :class:`_DropAbove`).
+        the manager (see :class:`ReplicateDelete`).
         """
         if (
             not isinstance(branching_factor, int)
@@ -450,10 +470,23 @@ class Replication:
         self, keys: list[Key], n: int, addresses: frozenset[str] | None
     ) -> None:
         """Drop the replicas of ``keys`` above ``n`` among ``addresses``, and return
-        once the drops are sent (the scheduler forgets the replicas at once). The
-        run waits for a cycle in progress to end, and may itself take several time
-        slices.
+        once the drops are sent (the scheduler forgets the replicas at once).
+
+        Copies still on their way for an earlier, higher target of the same keys
+        are waited for first (they expire after ReplicateN's ``retry-after``), so
+        that they don't land above ``n`` once this returned; distributed's
+        replicate calls wait for each other's transfers the same way, through the
+        replica lock. The drops run when no other cycle is in progress, queued
+        with the callbacks waiting for one to end, and are started again where
+        they stopped if the manager is stopped in the middle.
         """
+        current = self.current()
+        poll = FIRST_POLL
+        while current is not None and any(current.in_flight(k) for k in keys):
+            if self.scheduler.status in (Status.closing, Status.closed):
+                return
+            await asyncio.sleep(poll)
+            poll = min(poll * 1.5, POLL)
         tasks = self.scheduler.tasks
         above = [
             ts
@@ -462,19 +495,31 @@ class Replication:
         ]
         if not above:
             return  # the common case: don't wait for a cycle in progress
-        policy = _DropAbove(above, n, addresses, self.current())
+        policy = ReplicateDelete(above, n, addresses, current)
         manager = self.manager
-        poll = FIRST_POLL
-        while not manager.run_policies_once([policy]):
-            # a cycle is suspended between two time slices
-            if self.scheduler.status in (Status.closing, Status.closed):
+        ended = asyncio.get_running_loop().create_future()
+        started_at: int | None = None  # the progress when the last run started
+
+        def start() -> None:
+            nonlocal started_at
+            if ended.done():
                 return
-            await asyncio.sleep(poll)
-            poll = min(poll * 1.5, POLL)
-        poll = FIRST_POLL
-        while not policy.finished and manager.cycle_in_progress:
-            await asyncio.sleep(poll)
-            poll = min(poll * 1.5, POLL)
+            if policy.finished or started_at == policy.progress:
+                # done; or the last run made no progress, which only a failure of
+                # the policy (logged by the manager) explains
+                ended.set_result(None)
+                return
+            progress = policy.progress
+            if manager.run_policies_once([policy]):
+                started_at = progress
+            # again once this cycle, or the one in the way, ends
+            manager.call_when_idle(start)
+
+        start()
+        while not ended.done():
+            if self.scheduler.status in (Status.closing, Status.closed):
+                return  # callbacks waiting for the manager are dropped then
+            await asyncio.wait([ended], timeout=POLL)
 
     # -- internals -----------------------------------------------------------------
 

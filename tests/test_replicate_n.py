@@ -26,7 +26,13 @@ from amm import (
 )
 from amm.policies.replicate_n import AUDIT_MIN_KEYS
 from amm.policy import CHECKPOINT
-from amm.replication import Replication, ReplicationClient, install_replication, keys_of
+from amm.replication import (
+    Replication,
+    ReplicateDelete,
+    ReplicationClient,
+    install_replication,
+    keys_of,
+)
 from amm.testing import (
     Recorder,
     add_task,
@@ -206,6 +212,52 @@ async def test_client_replicate_with_nothing_to_drop_does_not_wait_for_a_cycle(
     await c.replicate(list(x.values()), n=2)
     assert len(holders(s, "x")) == 2
     assert m.cycle_in_progress
+
+
+@gen_cluster(client=True, nthreads=[("", 1)] * 3, config=config())
+async def test_client_replicate_delete_goes_on_if_the_manager_is_stopped(c, s, a, b, d):
+    """stop() ends a cycle suspended between two slices: the drops start again
+    where they stopped, rather than leave the keys not reached above n for good
+    """
+    replication(s)
+    m = s.extensions["amm"]
+    keys = [f"x-{i}" for i in range(300)]
+    xs = c.map(inc, range(300), key=keys)
+    await c.replicate(xs, n=3)
+    m.time_slice = 0
+    task = asyncio.create_task(s.replicate(keys=keys, n=2))
+    await async_poll_for(
+        lambda: m.cycle_in_progress
+        and any(isinstance(p, ReplicateDelete) for p in m._cycle.policies),
+        timeout=5,
+        period=0,
+    )
+    m.stop()  # client.amm.stop(), say
+    await task
+    assert [k for k in keys if len(holders(s, k)) != 2] == []
+
+
+@gen_cluster(client=True, nthreads=[("", 1)] * 3, config=config())
+async def test_client_replicate_lower_n_waits_for_copies_of_a_higher_one(c, s, a, b, d):
+    """A copy on its way for an earlier, higher n (the non-blocking API) would land
+    above the new n once replicate returned: it is waited for, then dropped
+    """
+    rep = replication(s)
+    x = c.submit(inc, 1, key="x", workers=[a.address])
+    await x
+    async with BlockedGatherDep(s.address, nthreads=1) as w:
+        await ReplicationClient(c).replicate(x, 4)
+        await w.in_gather_dep.wait()
+        await async_poll_for(lambda: len(holders(s, "x")) == 3, timeout=5)
+        assert rep.current().in_flight("x") == 1
+        lower = asyncio.create_task(c.replicate([x], n=2))
+        await asyncio.sleep(0.2)
+        assert not lower.done()
+        w.block_gather_dep.set()
+        await lower
+        assert len(holders(s, "x")) == 2
+        await asyncio.sleep(0.2)
+        assert len(holders(s, "x")) == 2
 
 
 @gen_cluster(client=True, nthreads=[("", 1)] * 4, config=config())
