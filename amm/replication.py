@@ -321,6 +321,8 @@ class Replication:
         n = parse_n("n", ALL if n is None else n, ValueError)
         keys = list(keys)
         addresses = self._resolve_workers(workers)
+        if delete:
+            await self._until_landed(keys)
         # distributed raises when there is nowhere to replicate to
         running = self.scheduler.running
         if not any(
@@ -466,31 +468,56 @@ class Replication:
             await asyncio.sleep(poll)
             poll = min(poll * 1.5, POLL)
 
+    async def _until_landed(self, keys: list[Key]) -> None:
+        """Wait for the copies of ``keys`` on their way for their current target:
+        a lower ``n`` set now would otherwise see them land above it once the
+        drops are done. distributed's replicate calls wait for each other's
+        transfers the same way, through the replica lock.
+
+        On their way: ReplicateN's transfers in flight (they expire after its
+        ``retry-after``), and the copies a cycle in progress accepted, which
+        ReplicateN records only as it resumes.
+        """
+        current = self.current()
+        manager = self.manager
+        tasks = self.scheduler.tasks
+
+        def on_their_way() -> bool:
+            if current is not None and any(current.in_flight(k) for k in keys):
+                return True
+            if not manager.cycle_in_progress:
+                return False
+            pending = manager.pending
+            return any(
+                (entry := pending.get(tasks.get(k))) is not None and entry[0]  # type: ignore[arg-type]
+                for k in keys
+            )
+
+        poll = FIRST_POLL
+        while on_their_way():
+            if self.scheduler.status in (Status.closing, Status.closed):
+                return
+            await asyncio.sleep(poll)
+            poll = min(poll * 1.5, POLL)
+
     async def _drop_above(
         self, keys: list[Key], n: int, addresses: frozenset[str] | None
     ) -> None:
         """Drop the replicas of ``keys`` above ``n`` among ``addresses``, and return
         once the drops are sent (the scheduler forgets the replicas at once).
 
-        Copies still on their way for an earlier, higher target of the same keys
-        are waited for first (they expire after ReplicateN's ``retry-after``), so
-        that they don't land above ``n`` once this returned; distributed's
-        replicate calls wait for each other's transfers the same way, through the
-        replica lock. The drops run when no other cycle is in progress, queued
-        with the callbacks waiting for one to end, and are started again where
-        they stopped if the manager is stopped in the middle.
+        The drops run when no other cycle is in progress, queued with the
+        callbacks waiting for one to end, and are started again where they
+        stopped if the manager is stopped in the middle.
         """
         current = self.current()
-        poll = FIRST_POLL
-        while current is not None and any(current.in_flight(k) for k in keys):
-            if self.scheduler.status in (Status.closing, Status.closed):
-                return
-            await asyncio.sleep(poll)
-            poll = min(poll * 1.5, POLL)
+        if current is not None:
+            for k in keys:
+                current.forget_arrived(k)  # those dropped now must not look in flight
         tasks = self.scheduler.tasks
         above = [
             ts
-            for k in keys
+            for k in dict.fromkeys(keys)  # a key listed twice is visited once
             if (ts := tasks.get(k)) is not None and len(ts.who_has or ()) > n
         ]
         if not above:

@@ -397,6 +397,19 @@ class ReplicateN(ActiveMemoryManagerPolicy):
             if deadline > now and ws.status == Status.running and ws not in who_has
         )
 
+    def forget_arrived(self, key: Key) -> None:
+        """Forget the transfers of ``key`` that have arrived, ahead of this policy's
+        next run: a copy dropped after it arrived (``Client.replicate`` with a
+        lower n) would otherwise look in flight until ``retry-after``, and a
+        caller raising n again would wait that long for it.
+        """
+        target = self._tracked.get(key)
+        if target is None or not target.inflight:
+            return
+        who_has = target.ts.who_has or _EMPTY
+        for ws in [ws for ws in target.inflight if ws in who_has]:
+            del target.inflight[ws]
+
     # -- the desired-replicas hook -----------------------------------------------
 
     def desired_replicas(self, ts: TaskState) -> int:
@@ -527,8 +540,11 @@ class ReplicateN(ActiveMemoryManagerPolicy):
             nbytes = ts.get_nbytes()
             placed = 0
             for _ in range(missing):
-                if ts.state != "memory" or key not in self._tracked:
-                    break  # released or untracked while this policy was suspended
+                if ts.state != "memory" or self._tracked.get(key) is not target:
+                    # released, untracked or set anew while this policy was
+                    # suspended: ``missing`` counted for a target that is gone (one
+                    # set anew is due, for its next run to count)
+                    break
                 ws = yield ("replicate", ts, candidates)  # a plain tuple: see amm.policy
                 if ws is None:
                     break  # no running worker without the key is left to receive it

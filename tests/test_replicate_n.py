@@ -260,6 +260,93 @@ async def test_client_replicate_lower_n_waits_for_copies_of_a_higher_one(c, s, a
         assert len(holders(s, "x")) == 2
 
 
+@gen_cluster(client=True, nthreads=[("", 1)] * 3, config=config())
+async def test_client_replicate_n1_waits_for_copies_of_a_higher_one(c, s, a, b, d):
+    """The same with n=1, which untracks the key: its copies in flight are waited
+    for before it is untracked
+    """
+    rep = replication(s)
+    x = c.submit(inc, 1, key="x", workers=[a.address])
+    await x
+    async with BlockedGatherDep(s.address, nthreads=1) as w:
+        await ReplicationClient(c).replicate(x, 4)
+        await w.in_gather_dep.wait()
+        await async_poll_for(lambda: len(holders(s, "x")) == 3, timeout=5)
+        assert rep.current().in_flight("x") == 1
+        lower = asyncio.create_task(c.replicate([x], n=1))
+        await asyncio.sleep(0.2)
+        w.block_gather_dep.set()
+        await lower
+        assert len(holders(s, "x")) == 1
+        await asyncio.sleep(0.3)
+        assert len(holders(s, "x")) == 1
+
+
+@gen_cluster(
+    client=True,
+    nthreads=[("", 1)] * 3,
+    config=config(measure="managed", **{"replicate.retry-after": "8s"}),
+)
+async def test_client_replicate_raising_n_after_dropping_an_arrived_copy(c, s, a, b, d):
+    """A copy that arrived and was dropped by a lower n no longer counts as in
+    flight: raising n again asks for a copy at once rather than after
+    retry-after
+    """
+    replication(s)
+    x = c.submit(inc, 1, key="x", workers=[a.address])
+    await x
+    async with BlockedGatherDep(s.address, nthreads=1) as w:
+        # w the most loaded, so that the copy it receives is the one dropped
+        clutter = await c.scatter("x" * 100_000, workers=[w.address])  # noqa: F841
+        await ReplicationClient(c).replicate(x, 4)
+        await w.in_gather_dep.wait()
+        await async_poll_for(lambda: len(holders(s, "x")) == 3, timeout=5)
+        lower = asyncio.create_task(c.replicate([x], n=2))
+        await asyncio.sleep(0.2)
+        w.block_gather_dep.set()
+        await lower
+        assert len(holders(s, "x")) == 2
+        assert w.address not in holders(s, "x")
+        await asyncio.wait_for(c.replicate([x], n=3), timeout=5)
+        assert len(holders(s, "x")) == 3
+
+
+@gen_cluster(client=True, nthreads=[("", 1)] * 4, config=config())
+async def test_client_replicate_lower_n_while_replicate_n_is_suspended_at_the_key(
+    c, s, a, b, d, e
+):
+    """A cycle suspended in the middle of ReplicateN's copies of a key for a higher
+    n: the copy it already sent is waited for, and it asks for no more once the
+    target is set anew
+    """
+    rep = replication(s)
+    m = s.extensions["amm"]
+    keys = [f"x-{i}" for i in range(40)]
+    xs = c.map(inc, range(40), key=keys, workers=[a.address])
+    await c.replicate(xs, n=2)
+    m.time_slice = 0  # suspended at the first check point (63 suggestions)
+    await rep.replicate_keys(keys, 4)  # the non-blocking API: 2 more copies each
+    assert m.cycle_in_progress
+    (key,) = [ts.key for ts, (repl, _) in m.pending.items() if len(repl) == 1]
+    await s.replicate(keys=[key], n=2)
+    assert len(holders(s, key)) == 2
+    await async_poll_for(lambda: not m.cycle_in_progress, timeout=5)
+    await asyncio.sleep(0.5)
+    assert len(holders(s, key)) == 2
+
+
+@gen_cluster(client=True, nthreads=[("", 1)] * 4, config=config())
+async def test_client_replicate_delete_with_a_key_listed_twice(c, s, a, b, d, e):
+    """Visited twice in one slice, the key would be dropped twice over (the first
+    visit's drops are not sent yet), below n among the workers
+    """
+    replication(s)
+    x = await c.scatter({"x": 1}, workers=[a.address])
+    await c.replicate(list(x.values()), n=4)
+    await s.replicate(keys=["x", "x"], n=1, workers=[b.address, d.address, e.address])
+    assert len(holders(s, "x") & {b.address, d.address, e.address}) == 1
+
+
 @gen_cluster(client=True, nthreads=[("", 1)] * 4, config=config())
 async def test_client_replicate_delete_counts_the_given_workers_only(c, s, a, b, d, e):
     """With workers=, as in distributed, the replicas above n among those workers
