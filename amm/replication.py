@@ -321,8 +321,6 @@ class Replication:
         n = parse_n("n", ALL if n is None else n, ValueError)
         keys = list(keys)
         addresses = self._resolve_workers(workers)
-        if delete:
-            await self._until_landed(keys)
         # distributed raises when there is nowhere to replicate to
         running = self.scheduler.running
         if not any(
@@ -337,6 +335,8 @@ class Replication:
         missing = [k for k in keys if k in tasks and not tasks[k].who_has]
         if missing:
             return {"status": "partial-fail", "keys": missing}
+        if delete:
+            await self._until_landed(keys)
 
         if self._set(keys, n, addresses) == 1:
             if addresses is not None:
@@ -488,10 +488,12 @@ class Replication:
             if not manager.cycle_in_progress:
                 return False
             pending = manager.pending
-            return any(
-                (entry := pending.get(tasks.get(k))) is not None and entry[0]  # type: ignore[arg-type]
-                for k in keys
-            )
+            for k in keys:
+                ts = tasks.get(k)
+                entry = pending.get(ts) if ts is not None else None
+                if entry is not None and entry[0]:
+                    return True
+            return False
 
         poll = FIRST_POLL
         while on_their_way():
