@@ -237,10 +237,12 @@ async def test_client_replicate_delete_goes_on_if_the_manager_is_stopped(c, s, a
     assert [k for k in keys if len(holders(s, k)) != 2] == []
 
 
+@pytest.mark.parametrize("n", [2, 1])
 @gen_cluster(client=True, nthreads=[("", 1)] * 3, config=config())
-async def test_client_replicate_lower_n_waits_for_copies_of_a_higher_one(c, s, a, b, d):
+async def test_client_replicate_lower_n_waits_for_copies_of_a_higher_one(c, s, a, b, d, n):
     """A copy on its way for an earlier, higher n (the non-blocking API) would land
-    above the new n once replicate returned: it is waited for, then dropped
+    above the new n once replicate returned: it is waited for, then dropped. n=1
+    untracks the key: it is waited for before that.
     """
     rep = replication(s)
     x = c.submit(inc, 1, key="x", workers=[a.address])
@@ -250,36 +252,14 @@ async def test_client_replicate_lower_n_waits_for_copies_of_a_higher_one(c, s, a
         await w.in_gather_dep.wait()
         await async_poll_for(lambda: len(holders(s, "x")) == 3, timeout=5)
         assert rep.current().in_flight("x") == 1
-        lower = asyncio.create_task(c.replicate([x], n=2))
+        lower = asyncio.create_task(c.replicate([x], n=n))
         await asyncio.sleep(0.2)
         assert not lower.done()
         w.block_gather_dep.set()
         await lower
-        assert len(holders(s, "x")) == 2
-        await asyncio.sleep(0.2)
-        assert len(holders(s, "x")) == 2
-
-
-@gen_cluster(client=True, nthreads=[("", 1)] * 3, config=config())
-async def test_client_replicate_n1_waits_for_copies_of_a_higher_one(c, s, a, b, d):
-    """The same with n=1, which untracks the key: its copies in flight are waited
-    for before it is untracked
-    """
-    rep = replication(s)
-    x = c.submit(inc, 1, key="x", workers=[a.address])
-    await x
-    async with BlockedGatherDep(s.address, nthreads=1) as w:
-        await ReplicationClient(c).replicate(x, 4)
-        await w.in_gather_dep.wait()
-        await async_poll_for(lambda: len(holders(s, "x")) == 3, timeout=5)
-        assert rep.current().in_flight("x") == 1
-        lower = asyncio.create_task(c.replicate([x], n=1))
-        await asyncio.sleep(0.2)
-        w.block_gather_dep.set()
-        await lower
-        assert len(holders(s, "x")) == 1
+        assert len(holders(s, "x")) == n
         await asyncio.sleep(0.3)
-        assert len(holders(s, "x")) == 1
+        assert len(holders(s, "x")) == n
 
 
 @gen_cluster(
