@@ -407,8 +407,11 @@ class ReplicateN(ActiveMemoryManagerPolicy):
         if target is None or not target.inflight:
             return
         who_has = target.ts.who_has or _EMPTY
-        for ws in [ws for ws in target.inflight if ws in who_has]:
+        arrived = [ws for ws in target.inflight if ws in who_has]
+        for ws in arrived:
             del target.inflight[ws]
+        if arrived and target.workers is not None:
+            self._due[key] = None  # copies outside its workers may go now
 
     # -- the desired-replicas hook -----------------------------------------------
 

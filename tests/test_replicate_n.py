@@ -995,6 +995,27 @@ def test_a_replica_lost_without_a_worker_leaving_is_found_by_the_audit():
     assert set().union(*recreated) == set(lost)
 
 
+def test_copies_that_arrived_and_are_forgotten_early_still_let_the_outside_copy_go():
+    """forget_arrived (Client.replicate settling transfers before its drops) does
+    what the policy's own settling does: a key restricted to workers is due once
+    its copies there arrived, so the next run drops every copy outside them, not
+    only those of the keys the rolling audit re-reads
+    """
+    s, recorder, m, policy, wss = synthetic(
+        3, MANY, 100, max_per_worker={"keys": None, "bytes": None}
+    )
+    keys = [f"k{i}" for i in range(MANY)]
+    policy.set(keys, 2, frozenset({wss[1].address, wss[2].address}))
+    m.run_once()
+    apply_cycle(s, recorder.pop())
+    assert all(len(s.tasks[k].who_has) == 3 for k in keys)
+    for k in keys:
+        policy.forget_arrived(k)
+    m.run_once()
+    apply_cycle(s, recorder.pop())
+    assert [k for k in keys if wss[0] in s.tasks[k].who_has] == []
+
+
 def test_a_change_in_the_running_workers_makes_every_key_due():
     s, recorder, m, policy, wss = converged(4, 3)
     paused = wss[3]
