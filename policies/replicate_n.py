@@ -404,14 +404,21 @@ class ReplicateN(ActiveMemoryManagerPolicy):
         caller raising n again would wait that long for it.
         """
         target = self._tracked.get(key)
-        if target is None or not target.inflight:
+        if target is not None:
+            self._forget_arrived(key, target)
+
+    def _forget_arrived(self, key: Key, target: Target) -> None:
+        """Forget the transfers of ``target`` whose copy arrived. A key restricted
+        to workers is then due: its copies outside them may go now.
+        """
+        if not target.inflight:
             return
         who_has = target.ts.who_has or _EMPTY
         arrived = [ws for ws in target.inflight if ws in who_has]
         for ws in arrived:
             del target.inflight[ws]
         if arrived and target.workers is not None:
-            self._due[key] = None  # copies outside its workers may go now
+            self._due[key] = None
 
     # -- the desired-replicas hook -----------------------------------------------
 
@@ -677,16 +684,12 @@ class ReplicateN(ActiveMemoryManagerPolicy):
             if target is None:
                 continue  # untracked while the cycle was suspended
             ts = target.ts
-            who_has = ts.who_has or _EMPTY
             if ts.state != "memory":
                 target.inflight.clear()
                 due[key] = None
+            self._forget_arrived(key, target)
             for ws, deadline in list(target.inflight.items()):
-                if ws in who_has:
-                    del target.inflight[ws]
-                    if target.workers is not None:
-                        due[key] = None  # copies outside its workers may go now
-                elif ws.status != Status.running or deadline <= now:
+                if ws.status != Status.running or deadline <= now:
                     # Gone, or paused or retiring: such a worker does not fetch, so
                     # waiting until retry_after would hold back a replacement on a
                     # running worker. If it resumes and completes the transfer after
